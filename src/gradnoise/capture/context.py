@@ -1,0 +1,252 @@
+"""``gradnoise.capture``: per-sample gradient norms from one forward/backward pass.
+
+The capture context owns everything it adds: a torch-function mode (the
+:class:`~gradnoise.capture.router.Router`) that sends functional calls of known layers
+to their rules, forward hooks on modules handled by module rules (user rules and the
+torch.func fallback), and the :class:`~gradnoise.capture.store.SampleStore` that
+collects results. Nothing is stored on modules or parameters; hooks and the mode are
+removed on exit, also when the block raises.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Callable, Dict, Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .. import stats as _stats
+from ..errors import CaptureStateError, UnsupportedUseError
+from . import modules as _modules
+from .router import Router, outputs_requiring_grad
+from .rules import FUNCTION_RULES
+from .site import ParamRef, Site
+from .store import SampleStore
+
+_REDUCTIONS = ("mean", "sum")
+
+
+class Capture:
+    """Context manager measuring per-sample gradient norms of ``model``.
+
+    Use :func:`capture` to make one. Inside the block run one forward and one backward
+    pass of one batch, exactly as without gradnoise. Afterwards:
+
+    * ``per_sample_sq_norms``: parameter name -> ``[B]`` tensor of ``||∇_θ l_i||²``
+      restricted to that parameter (never scaled by 1/B);
+    * ``stats()``: :class:`gradnoise.stats.NoiseStats` of the whole model, with
+      ``by_param``.
+
+    Every ``p.grad`` is what plain autograd would have produced.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        reduction: str = "mean",
+        rules: Optional[Mapping[type, Callable]] = None,
+    ):
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"capture needs an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.reduction = reduction
+        self.rules = dict(rules or {})
+        self.suspended = False
+        self._state = "new"
+        self._hooks: list = []
+        self._norms: Dict[str, torch.Tensor] = {}
+        self._mean_sq: Dict[str, float] = {}
+
+    # ---- context ------------------------------------------------------------------
+    def __enter__(self) -> "Capture":
+        if self._state != "new":
+            raise CaptureStateError("a capture can be entered only once; make a new one")
+        for mode in _open_routers():
+            if mode.capture.model is self.model:
+                raise CaptureStateError(
+                    f"a capture of this {type(self.model).__name__} is already open; "
+                    "close it before opening another"
+                )
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self._params: Dict[str, nn.Parameter] = dict(named)
+        self._by_id = {id(p): p for _, p in named}
+        self.store = SampleStore({id(p): n for n, p in named}, self.reduction == "mean")
+        self.active: Counter = Counter()
+        self._before = {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
+        try:
+            self._hooks = _modules.attach(self, self.model, self.rules)
+            self._router = Router(self, FUNCTION_RULES)
+            self._router.__enter__()
+        except BaseException:
+            self._remove_hooks()
+            raise
+        self._state = "open"
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self._router.__exit__(exc_type, exc, tb)
+        finally:
+            self._remove_hooks()
+        self._state = "failed" if exc_type is not None else "closed"
+        if exc_type is None:
+            self._finish()
+        return False
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ---- used by rules --------------------------------------------------------------
+    def ref(self, t: Optional[torch.Tensor]) -> Optional[ParamRef]:
+        """The measured parameter ``t`` is or views, unless a module rule covers it now."""
+        ref = self._lookup(t)
+        if ref is None or self.active[id(ref.param)]:
+            return None
+        return ref
+
+    def site(self, weight: Optional[ParamRef] = None, bias: Optional[ParamRef] = None) -> Site:
+        """A site for one call, counting one use of each parameter it measures."""
+        for r in (weight, bias):
+            if r is not None:
+                self.store.add_use(r.param)
+        return Site(self.store, weight, bias)
+
+    def name_of(self, param: torch.Tensor) -> str:
+        return self.store.names[id(param)]
+
+    def check_use(self, func, tensors: Iterable[torch.Tensor], out) -> None:
+        """Raise when ``func`` made a measured parameter part of the graph outside any
+        rule (views of it are fine: their use is judged where they are consumed)."""
+        for t in tensors:
+            ref = self._lookup(t)
+            if ref is None or self.active[id(ref.param)]:
+                continue
+            outs = list(outputs_requiring_grad(out))
+            if outs and not all(o._base is ref.param for o in outs):
+                name = self.name_of(ref.param)
+                raise UnsupportedUseError(
+                    f"parameter '{name}' is used by {_func_name(func)} outside any layer "
+                    "gradnoise has a rule for, so its per-sample gradient would be wrong. "
+                    "Use it inside the module that owns it, or register a rule: "
+                    "gradnoise.capture(model, rules={YourModule: rule})"
+                )
+
+    def _lookup(self, t) -> Optional[ParamRef]:
+        if not isinstance(t, torch.Tensor):
+            return None
+        if self._by_id.get(id(t)) is t:
+            return ParamRef(t)
+        base = t._base
+        if base is not None and self._by_id.get(id(base)) is base:
+            return ParamRef(base, t)
+        return None
+
+    # ---- results ------------------------------------------------------------------
+    def _finish(self) -> None:
+        norms = self.store.sq_norms()
+        n = self.store.batch_size
+        for name, p in self._params.items():
+            if p.grad is None:
+                norms.pop(name, None)
+                continue
+            if name not in norms:
+                raise UnsupportedUseError(
+                    f"parameter '{name}' received a gradient but no per-sample gradient "
+                    "was computed: it was used by code gradnoise cannot see (TorchScript, "
+                    "a C++ extension, or a backward outside the capture block)"
+                )
+            g = p.grad.detach()
+            if name in self._before:
+                g = g - self._before[name]
+            g = g.reshape(-1)
+            scale = 1.0 if self.reduction == "mean" else 1.0 / n
+            self._mean_sq[name] = float(torch.dot(g, g)) * scale**2
+        self._norms = norms
+        if any(not bool(torch.isfinite(v).all()) for v in norms.values()):
+            warnings.warn(
+                "gradnoise: this batch has NaN or inf gradients; its statistics are "
+                "flagged 'non_finite'",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _need_closed(self) -> None:
+        if self._state != "closed":
+            raise CaptureStateError(
+                "results exist once the with-block has finished without error "
+                f"(this capture is {self._state})"
+            )
+
+    @property
+    def per_sample_sq_norms(self) -> Dict[str, torch.Tensor]:
+        """Parameter name -> ``[B]`` per-sample squared gradient norms ``||g_i||²``."""
+        self._need_closed()
+        return dict(self._norms)
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        """Number of samples ``B`` the capture saw (None if no backward ran)."""
+        return self.store.batch_size
+
+    def stats(self, population: Optional[int] = None) -> _stats.NoiseStats:
+        """Noise statistics of the whole model, ``by_param`` for each parameter.
+
+        Args:
+            population: ``N`` when the batch was drawn without replacement from a set
+                of ``N`` samples (finite-population correction, DESIGN.md §1).
+        """
+        self._need_closed()
+        if not self._norms:
+            raise CaptureStateError(
+                "no parameter received a gradient inside the capture; "
+                "call loss.backward() inside the with-block"
+            )
+        n = self.store.batch_size
+        parts = {
+            name: _stats.from_moments(
+                float(v.double().sum()) / n, self._mean_sq[name], n, n, population
+            )
+            for name, v in self._norms.items()
+        }
+        return _stats.total(parts)
+
+
+def capture(
+    model: nn.Module, reduction: str = "mean", rules: Optional[Mapping[type, Callable]] = None
+) -> Capture:
+    """Measure per-sample gradient norms of ``model`` for one forward/backward pass.
+
+    Args:
+        model: any ``nn.Module`` (not replaced or modified).
+        reduction: ``"mean"`` when the loss is the mean of the per-sample losses
+            (then autograd's gradients carry a 1/B that is multiplied back), ``"sum"``
+            when it is their sum.
+        rules: optional ``{ModuleType: rule}`` for layer types of your own; see
+            :mod:`gradnoise.capture.modules` for the rule protocol.
+
+    Example::
+
+        with gradnoise.capture(model) as cap:
+            loss_fn(model(x), y).backward()
+        cap.per_sample_sq_norms["fc.weight"]   # [B]
+        cap.stats().b_simple
+    """
+    return Capture(model, reduction, rules)
+
+
+def _open_routers():
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+    except ImportError:  # pragma: no cover
+        return []
+    return [m for m in _get_current_function_mode_stack() if isinstance(m, Router)]
+
+
+def _func_name(func) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    return name if "." in name or name.startswith("torch") else f"torch.{name}"

@@ -1,0 +1,119 @@
+"""Convolutions (1-, 2- and 3-D): per-sample weight gradients by a grouped convolution.
+
+For input ``x`` ``[N, C_in, *S]`` and output gradient ``δ`` ``[N, C_out, *S']`` the
+per-sample weight gradient is the weight gradient of the convolution applied to sample
+``n`` alone. Folding the batch into the channel dimension (``[1, N·C_in, *S]``) and
+multiplying the groups by ``N`` turns all of them into one grouped weight-gradient
+convolution, whose result ``[N·C_out, C_in/groups, *k]`` is ``G_n`` for every sample.
+The layer's weight gradient is then ``Σ_n G_n`` (not computed a second time), the bias
+per-sample gradient is ``Σ_s δ_ns``. Samples are processed in chunks to bound memory.
+
+String padding: ``"valid"`` is zero padding; ``"same"`` pads ``dilation·(k − 1)`` in
+total per dimension, the extra element on the right when it is odd (as torch does).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnsupportedUseError
+from . import amp
+from .args import bind
+from .linear import chunk_size
+from .site import Site, sq_norms
+
+_conv_backward = torch.ops.aten.convolution_backward
+
+
+class ConvFn(torch.autograd.Function):
+    """An N-d convolution whose backward also hands per-sample results to a site."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, site: Site):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (list(stride), list(padding), list(dilation), groups)
+        ctx.site, ctx.has_bias = site, bias is not None
+        return torch.ops.aten.convolution(x, weight, bias, *ctx.conf[:3], False, [0] * len(stride), groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        site: Site = ctx.site
+        n, zeros = x.shape[0], [0] * len(stride)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _conv_backward(gy, x, weight, None, stride, padding, dilation, False, zeros, groups, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            step = chunk_size(n, weight.numel(), x.numel())
+            for lo in range(0, n, step):
+                g = _per_sample_weight_grads(x[lo : lo + step], gy[lo : lo + step], weight, stride, padding, dilation, groups)
+                site.give(site.weight, lambda: sq_norms(g.flatten(1)), lambda: g, n, lo)
+                part = g.sum(0)
+                gw = part if gw is None else gw.add_(part)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            per = gy.flatten(2).sum(2)  # [N, C_out]
+            site.give(site.bias, lambda: sq_norms(per), lambda: per, n)
+            gb = per.sum(0)
+        return gx, gw, gb, None, None, None, None, None
+
+
+def _per_sample_weight_grads(x, gy, weight, stride, padding, dilation, groups) -> torch.Tensor:
+    """``G_n`` ``[c, C_out, C_in/groups, *k]`` for a chunk of ``c`` samples."""
+    c = x.shape[0]
+    c_out = weight.shape[0]
+    folded_w = weight.new_empty(()).expand(c * c_out, *weight.shape[1:])  # shape only
+    g = _conv_backward(
+        gy.reshape(1, c * c_out, *gy.shape[2:]),
+        x.reshape(1, c * x.shape[1], *x.shape[2:]),
+        folded_w, None, stride, padding, dilation, False, [0] * len(stride), c * groups,
+        [False, True, False],
+    )[1]
+    return g.view(c, *weight.shape)
+
+
+def _ntuple(v, d: int) -> List[int]:
+    return list(v) if isinstance(v, (list, tuple)) else [int(v)] * d
+
+
+def _explicit_padding(x, padding, kernel: Sequence[int], dilation: List[int]):
+    """Turn string padding into numbers, padding ``x`` itself where "same" is uneven."""
+    d = len(kernel)
+    if not isinstance(padding, str):
+        return x, _ntuple(padding, d)
+    if padding == "valid":
+        return x, [0] * d
+    if padding != "same":
+        raise ValueError(f"unknown padding {padding!r}")
+    totals = [dl * (k - 1) for dl, k in zip(dilation, kernel)]
+    if all(t % 2 == 0 for t in totals):
+        return x, [t // 2 for t in totals]
+    pads: List[int] = []
+    for t in reversed(totals):  # F.pad lists the last dimension first
+        pads += [t // 2, t - t // 2]
+    return F.pad(x, pads), [0] * d
+
+
+def handle_conv(cap, func, args, kwargs):
+    """Rule-table entry for ``torch.conv1d/2d/3d``."""
+    x, weight, bias, stride, padding, dilation, groups = bind(
+        args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"), (None, 1, 0, 1, 1)
+    )
+    wref, bref = cap.ref(weight), cap.ref(bias)
+    if (wref is None and bref is None) or not torch.is_grad_enabled():
+        return func(*args, **kwargs)
+    d = weight.dim() - 2
+    if x.dim() != d + 2:
+        raise UnsupportedUseError(
+            f"conv{d}d on an unbatched input of shape {tuple(x.shape)} (parameter "
+            f"'{cap.name_of((wref or bref).param)}'): per-sample gradients need a "
+            "leading sample dimension"
+        )
+    stride, dilation = _ntuple(stride, d), _ntuple(dilation, d)
+    x, padding = _explicit_padding(x, padding, weight.shape[2:], dilation)
+    site = cap.site(wref, bref)
+    (x, weight, bias), ctx = amp.cast(x.device.type, (x, weight, bias))
+    with ctx:
+        return ConvFn.apply(x, weight, bias, stride, padding, dilation, int(groups), site)

@@ -1,0 +1,80 @@
+"""Embeddings: per-sample gradients of a lookup table.
+
+For ids ``[N, *T]`` (flattened to ``T``) and output gradient ``δ`` ``[N, T, d]``, the
+per-sample gradient of the table ``W`` ``[V, d]`` has row ``v`` equal to
+``Σ_{t: id_nt = v} δ_nt``, so ``||g_n||² = Σ_{t,s} [id_nt = id_ns] (δ_nt·δ_ns)``. Rows
+are summed per distinct ``(n, id)`` pair (``O(N T d)``), never ``N·V·d`` memory unless
+the table is shared and full per-sample gradients are needed. ``padding_idx`` rows
+receive no gradient and are skipped.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnsupportedUseError
+from .args import bind
+from .site import Site, sq_norms
+
+
+class EmbeddingFn(torch.autograd.Function):
+    """``F.embedding`` whose backward also hands per-sample results to a site."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, site: Site):
+        ctx.save_for_backward(ids)
+        ctx.site, ctx.padding_idx, ctx.num_rows = site, padding_idx, weight.shape[0]
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, gy):
+        (ids,) = ctx.saved_tensors
+        site: Site = ctx.site
+        pad = -1 if ctx.padding_idx is None else ctx.padding_idx
+        gw = torch.ops.aten.embedding_dense_backward(gy, ids, ctx.num_rows, pad, False)
+        n, v, dim = ids.shape[0], ctx.num_rows, gy.shape[-1]
+        keys = (torch.arange(n, device=ids.device).view(n, 1) * v + ids.reshape(n, -1)).reshape(-1)
+        rows = gy.reshape(-1, dim)
+        if ctx.padding_idx is not None:
+            keep = ids.reshape(-1) != ctx.padding_idx
+            keys, rows = keys[keep], rows[keep]
+
+        def per_sample_sq_norms():
+            uniq, inverse = torch.unique(keys, return_inverse=True)
+            sums = rows.new_zeros(uniq.shape[0], dim).index_add_(0, inverse, rows)
+            return rows.new_zeros(n).index_add_(0, uniq // v, sq_norms(sums))
+
+        def grads():
+            return rows.new_zeros(n * v, dim).index_add_(0, keys, rows).view(n, v, dim)
+
+        site.give(site.weight, per_sample_sq_norms, grads, n)
+        return None, gw, None, None
+
+
+def handle_embedding(cap, func, args, kwargs):
+    """Rule-table entry for ``F.embedding``."""
+    ids, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse = bind(
+        args, kwargs,
+        ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+        (None, None, 2.0, False, False),
+    )
+    wref = cap.ref(weight)
+    if wref is None or not torch.is_grad_enabled():
+        return func(*args, **kwargs)
+    name = cap.name_of(wref.param)
+    if scale_grad_by_freq or sparse:
+        raise UnsupportedUseError(
+            f"embedding '{name}' uses scale_grad_by_freq or sparse gradients, which "
+            "gradnoise does not support; set both to False"
+        )
+    if wref.view is not None or ids.dim() < 1:
+        raise UnsupportedUseError(
+            f"embedding '{name}': per-sample gradients need batched ids [N, ...] and the "
+            "whole table as weight"
+        )
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    if max_norm is not None:
+        with torch.no_grad():
+            torch.embedding_renorm_(weight, ids.contiguous(), max_norm, norm_type)
+    return EmbeddingFn.apply(ids, weight, padding_idx, cap.site(wref))

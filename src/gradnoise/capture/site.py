@@ -1,0 +1,53 @@
+"""A *site*: one use of trainable parameters by one call of a rule.
+
+The router resolves each tensor argument of a call to ``(parameter, view)``: the
+tracked parameter it is, or is a view (slice) of, and the view itself (``None`` for the
+whole parameter). A site carries these to the rule's backward, where the per-sample
+results are handed to the capture's :class:`~gradnoise.capture.store.SampleStore`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .store import SampleStore
+
+
+def sq_norms(t: torch.Tensor, dims=1) -> torch.Tensor:
+    """``Σ t²`` over ``dims`` (one fused reduction; faster than ``t.square().sum``)."""
+    return torch.linalg.vector_norm(t, dim=dims).square()
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A tracked parameter and the view of it a call used (``None``: all of it)."""
+
+    param: torch.Tensor
+    view: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class Site:
+    """The store and the parameters (``None`` when not measured) of one call."""
+
+    store: SampleStore
+    weight: Optional[ParamRef] = None
+    bias: Optional[ParamRef] = None
+
+    def wants_grads(self, ref: Optional[ParamRef]) -> bool:
+        return ref is not None and self.store.wants_grads(ref.param, ref.view)
+
+    def give(
+        self,
+        ref: Optional[ParamRef],
+        sq_norms: Callable[[], torch.Tensor],
+        grads: Callable[[], torch.Tensor],
+        n: int,
+        start: int = 0,
+    ) -> None:
+        """Hand one parameter's per-sample results for samples ``start, …`` of a batch
+        of ``n`` to the store (no-op for ``None``)."""
+        if ref is not None:
+            self.store.add(ref.param, ref.view, sq_norms, grads, n, start)

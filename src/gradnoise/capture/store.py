@@ -1,0 +1,133 @@
+"""Where one capture's per-sample results accumulate.
+
+Rules hand their raw results (in the loss's own units, so scaled by 1/B under
+``reduction="mean"``) to :class:`SampleStore`, which scales them back to
+``g_i = ∇l_i`` and combines the uses of each parameter:
+
+* a parameter used once, as a whole, receives per-sample squared norms ``[N]``;
+* a parameter used several times, or through views (slices), needs the cross terms
+  ``||Σ_k g_i⁽ᵏ⁾||² ≠ Σ_k ||g_i⁽ᵏ⁾||²``, so its uses hand over per-sample gradients
+  ``[N, *shape]`` that are summed (each view into its own positions) before the norm.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Dict, Optional
+
+import torch
+
+from ..errors import CaptureStateError
+
+
+class SampleStore:
+    """Per-sample squared norms and gradients of the parameters of one capture.
+
+    Args:
+        names: ``id(parameter) -> name`` of the parameters being measured.
+        mean_reduction: True when the loss is a mean over samples (``reduction="mean"``).
+    """
+
+    def __init__(self, names: Dict[int, str], mean_reduction: bool):
+        self.names = names
+        self.mean_reduction = mean_reduction
+        self.uses: Counter = Counter()
+        self.batch_size: Optional[int] = None
+        self._sq_norms: Dict[str, torch.Tensor] = {}
+        self._grads: Dict[str, torch.Tensor] = {}
+        self._index_cache: Dict[tuple, torch.Tensor] = {}
+
+    # ---- forward side -------------------------------------------------------------
+    def add_use(self, param: torch.Tensor) -> None:
+        """Count one use of ``param`` in the forward pass."""
+        self.uses[id(param)] += 1
+
+    def wants_grads(self, param: torch.Tensor, view: Optional[torch.Tensor]) -> bool:
+        """True when the rule must hand over per-sample gradients, not just norms."""
+        return view is not None or self.uses[id(param)] > 1
+
+    # ---- backward side ------------------------------------------------------------
+    def _scale(self, n: int) -> float:
+        if self.batch_size is None:
+            self.batch_size = n
+        elif n != self.batch_size:
+            raise CaptureStateError(
+                f"one capture saw batches of {self.batch_size} and {n} samples; "
+                "open one capture per forward/backward pass of one batch"
+            )
+        return float(n) if self.mean_reduction else 1.0
+
+    def add_sq_norms(
+        self, param: torch.Tensor, sq_norms: torch.Tensor, n: int, start: int = 0
+    ) -> None:
+        """Add raw squared norms of samples ``start, …`` of a batch of ``n`` for a single
+        whole-parameter use."""
+        scale = self._scale(n)
+        name = self.names[id(param)]
+        buf = self._sq_norms.get(name)
+        if buf is None:
+            buf = self._sq_norms[name] = sq_norms.new_zeros(n, dtype=_acc_dtype(sq_norms))
+        buf[start : start + sq_norms.shape[0]] += sq_norms.detach().to(buf.dtype) * scale**2
+
+    def add_grads(
+        self,
+        param: torch.Tensor,
+        grads: torch.Tensor,
+        view: Optional[torch.Tensor],
+        n: int,
+        start: int = 0,
+    ) -> None:
+        """Add raw per-sample gradients ``[c, *view.shape]`` (or ``[c, *param.shape]``)
+        of samples ``start, …, start + c − 1`` of a batch of ``n``."""
+        scale = self._scale(n)
+        name = self.names[id(param)]
+        c = grads.shape[0]
+        flat = grads.detach().reshape(c, -1).to(_acc_dtype(grads)) * scale
+        buf = self._grads.get(name)
+        if buf is None:
+            buf = self._grads[name] = flat.new_zeros(n, param.numel())
+        rows = buf[start : start + c]
+        if view is None:
+            rows += flat
+        else:
+            rows.index_add_(1, self._positions(param, view), flat)
+
+    def add(
+        self,
+        param: torch.Tensor,
+        view: Optional[torch.Tensor],
+        sq_norms: Callable[[], torch.Tensor],
+        grads: Callable[[], torch.Tensor],
+        n: int,
+        start: int = 0,
+    ) -> None:
+        """Hand over one use (or a chunk of samples of it): ``sq_norms()`` ``[c]`` when
+        that suffices, else ``grads()`` ``[c, *shape]``."""
+        if self.wants_grads(param, view):
+            self.add_grads(param, grads(), view, n, start)
+        else:
+            self.add_sq_norms(param, sq_norms(), n, start)
+
+    def _positions(self, param: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """Flat indices into ``param`` of the elements of ``view`` (a view of it)."""
+        key = (id(param), tuple(view.shape), view.stride(), view.storage_offset())
+        idx = self._index_cache.get(key)
+        if idx is None:
+            offset = view.storage_offset() - param.storage_offset()
+            base = torch.arange(param.numel(), device=param.device).view(param.shape)
+            idx = base.as_strided(view.shape, view.stride(), offset).reshape(-1)
+            self._index_cache[key] = idx
+        return idx
+
+    # ---- results ------------------------------------------------------------------
+    def sq_norms(self) -> Dict[str, torch.Tensor]:
+        """Parameter name -> per-sample squared norms ``[N]`` of ``g_i = ∇l_i``."""
+        out = dict(self._sq_norms)
+        for name, g in self._grads.items():
+            val = torch.linalg.vector_norm(g, dim=1).square()
+            out[name] = val if name not in out else out[name] + val
+        return out
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulate in float64 for float64 input, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
