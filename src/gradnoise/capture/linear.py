@@ -16,7 +16,8 @@ The backward returns ordinary gradients, so autograd, hooks and DDP see nothing 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +47,15 @@ class LinearFn(torch.autograd.Function):
         site: Site = ctx.site
         gx = gy.matmul(weight.to(gy.dtype)) if ctx.needs_input_grad[0] else None
         n = x.shape[0]
-        a = x.reshape(n, -1, x.shape[-1])
+        a = x.reshape(n, -1, x.shape[-1]).to(gy.dtype)
         d = gy.reshape(n, -1, gy.shape[-1])
-        gw = _weight_grad(site, a, d) if ctx.needs_input_grad[1] else None
+        per_b = d.sum(1)  # [N, d_out]: per-sample bias gradients, and δ_n itself when T = 1
+        bias_sq = functools.cache(lambda: sq_norms(per_b))
+        gw = _weight_grad(site, a, d, bias_sq) if ctx.needs_input_grad[1] else None
         gb = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            per = d.sum(1)  # [N, d_out]
-            site.give(site.bias, lambda: sq_norms(per), lambda: per, n)
-            gb = per.sum(0)
+            site.give(site.bias, bias_sq, lambda: per_b, n)
+            gb = per_b.sum(0)
         return gx, _cast(gw, weight), gb, None
 
 
@@ -61,25 +63,20 @@ def _cast(g: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tenso
     return None if g is None else g.to(like.dtype)
 
 
-def _weight_grad(site: Site, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def _weight_grad(site: Site, a: torch.Tensor, d: torch.Tensor, delta_sq) -> torch.Tensor:
     """Weight gradient ``Σ_n G_n`` ``[d_out, d_in]``; per-sample results to the site.
 
     Args:
         a: layer input, ``[N, T, d_in]``.
         d: output gradient, ``[N, T, d_out]``.
+        delta_sq: callable giving ``||Σ_t δ_nt||²`` ``[N]`` (used when ``T = 1``).
     """
     ref = site.weight
     n, t, d_in = a.shape
     d_out = d.shape[-1]
-    a, d = a.to(d.dtype), d
     if t == 1:
         a2, d2 = a[:, 0], d[:, 0]
-        site.give(
-            ref,
-            lambda: sq_norms(a2) * sq_norms(d2),
-            lambda: d2.unsqueeze(2) * a2.unsqueeze(1),
-            n,
-        )
+        site.give(ref, lambda: sq_norms(a2) * delta_sq(), lambda: d2.unsqueeze(2) * a2.unsqueeze(1), n)
         return d2.t().mm(a2)
     if ref is None:
         return d.reshape(-1, d_out).t().mm(a.reshape(-1, d_in))

@@ -11,6 +11,7 @@ from .attention import handle_mha
 from .conv import handle_conv
 from .embedding import handle_embedding
 from .linear import handle_linear
+from .loss import handle_backward
 from .norm import (
     handle_batch_norm,
     handle_group_norm,
@@ -31,6 +32,7 @@ FUNCTION_RULES = {
     F.instance_norm: handle_instance_norm,
     F.batch_norm: handle_batch_norm,
     F.multi_head_attention_forward: handle_mha,
+    torch.Tensor.backward: handle_backward,
 }
 if hasattr(F, "rms_norm"):  # torch >= 2.4
     FUNCTION_RULES[F.rms_norm] = handle_rms_norm

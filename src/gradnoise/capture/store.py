@@ -63,10 +63,14 @@ class SampleStore:
         whole-parameter use."""
         scale = self._scale(n)
         name = self.names[id(param)]
+        value = sq_norms.detach().to(_acc_dtype(sq_norms)) * scale**2
         buf = self._sq_norms.get(name)
+        if buf is None and start == 0 and value.shape[0] == n:
+            self._sq_norms[name] = value
+            return
         if buf is None:
-            buf = self._sq_norms[name] = sq_norms.new_zeros(n, dtype=_acc_dtype(sq_norms))
-        buf[start : start + sq_norms.shape[0]] += sq_norms.detach().to(buf.dtype) * scale**2
+            buf = self._sq_norms[name] = value.new_zeros(n)
+        buf[start : start + value.shape[0]] += value
 
     def add_grads(
         self,

@@ -1,0 +1,1 @@
+"""Reproducible experiments on built-in data (scikit-learn's bundled digits)."""

@@ -1,0 +1,232 @@
+"""Bad input gets a clear error or a flagged result, never a silent wrong number."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradnoise
+from gradnoise.errors import (
+    CaptureStateError,
+    FallbackError,
+    ReductionError,
+    SampleMixingError,
+    UnsupportedUseError,
+)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _batch(n=5):
+    return torch.randn(n, 4), torch.randint(0, 3, (n,))
+
+
+def test_batchnorm_in_training_mode_names_the_module():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    x, y = _batch()
+    with pytest.raises(SampleMixingError, match=r"module '1' \(BatchNorm1d\).*microbatch"):
+        with gradnoise.capture(model) as cap:
+            F.cross_entropy(model(x), y).backward()
+    assert cap._hooks == []  # removed although the block raised
+
+
+def test_batchnorm_in_eval_mode_is_measured_exactly():
+    from reference import per_sample_sq_norms
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 2)
+    model.eval()
+    x, y = _batch()
+    x = x.double()
+    loss_fn = lambda out, t: F.cross_entropy(out, t)
+    with gradnoise.capture(model) as cap:
+        loss_fn(model(x), y).backward()
+    ref = per_sample_sq_norms(model, loss_fn, x, y)
+    for name, v in ref.items():
+        torch.testing.assert_close(cap.per_sample_sq_norms[name], v, rtol=1e-6, atol=1e-12)
+
+
+def test_functional_batch_norm_in_training_mode_is_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(F.batch_norm(x, None, None, training=True))
+
+    x, y = _batch()
+    model = M()
+    with pytest.raises(SampleMixingError, match="batch_norm in training mode"):
+        with gradnoise.capture(model):
+            F.cross_entropy(model(x), y).backward()
+
+
+def test_batch_size_one_is_flagged_not_a_number():
+    model = _mlp()
+    x, y = _batch(1)
+    with gradnoise.capture(model) as cap:
+        F.cross_entropy(model(x), y).backward()
+    s = cap.stats()
+    assert s.flag == "single_group" and not s.ok
+    assert "at least two" in s.reason
+    assert math.isnan(s.trace_cov) and math.isnan(s.b_simple)
+    assert all(v.shape == (1,) and torch.isfinite(v).all() for v in cap.per_sample_sq_norms.values())
+
+
+def test_nan_in_the_loss_is_flagged_with_a_warning():
+    model = _mlp()
+    x, y = _batch()
+    with pytest.warns(RuntimeWarning, match="NaN or inf"):
+        with gradnoise.capture(model) as cap:
+            (F.cross_entropy(model(x), y) * float("nan")).backward()
+    s = cap.stats()
+    assert s.flag == "non_finite" and "NaN" in s.reason
+    assert math.isnan(s.b_simple)
+    assert all(p.flag == "non_finite" for p in s.by_param.values())
+
+
+def test_wrong_reduction_is_refused():
+    model = _mlp()
+    x, y = _batch()
+    with pytest.raises(ReductionError, match="reduction='sum'"):
+        with gradnoise.capture(model, reduction="mean"):
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+    with pytest.raises(ReductionError, match="reduction='mean'"):
+        with gradnoise.capture(model, reduction="sum"):
+            F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ReductionError):
+        with gradnoise.capture(model, reduction="sum"):
+            F.cross_entropy(model(x), y, reduction="none").mean().backward()
+    with pytest.raises(ValueError, match="'mean' or 'sum'"):
+        gradnoise.capture(model, reduction="none")
+
+
+class Centre(nn.Module):
+    """Mixes samples: subtracts the batch mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return (x - x.mean(0)) * self.scale
+
+
+class Total(nn.Module):
+    """Returns something without a sample dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return (x * self.w).sum(0)
+
+
+class Noisy(nn.Module):
+    """Draws random numbers in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return F.dropout(x * self.w, 0.5, training=True)
+
+
+@pytest.mark.parametrize("layer, error, text", [
+    (Centre, SampleMixingError, "Centre gives a different output .* mixes samples"),
+    (Noisy, SampleMixingError, "Noisy gives a different output .* random numbers"),
+    (Total, FallbackError, "Total returned an output of shape .* not the batch size"),
+])
+def test_fallback_failures_name_the_module(layer, error, text):
+    model = nn.Sequential(nn.Linear(4, 4), layer())
+    x, _ = _batch()
+    with pytest.raises(error, match=text):
+        with gradnoise.capture(model, reduction="sum"):
+            model(x).pow(2).sum().backward()
+
+
+def test_parameter_used_outside_any_rule_is_refused():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, ids):
+            return self.emb(ids).mean(1) @ self.emb.weight.t()  # tied by hand through matmul
+
+    model = Head()
+    ids = torch.randint(0, 10, (5, 3))
+    with pytest.raises(UnsupportedUseError, match="'emb.weight'.*matmul"):
+        with gradnoise.capture(model):
+            F.cross_entropy(model(ids), ids[:, 0]).backward()
+
+
+def test_nested_capture_of_the_same_model_raises_and_cleans_up():
+    model = _mlp()
+    x, y = _batch()
+    with gradnoise.capture(model) as outer:
+        with pytest.raises(CaptureStateError, match="already open"):
+            with gradnoise.capture(model):
+                pass
+        F.cross_entropy(model(x), y).backward()
+    assert set(outer.per_sample_sq_norms) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    # afterwards a new capture works and plain autograd runs with no router left behind
+    with gradnoise.capture(model) as again:
+        F.cross_entropy(model(x), y).backward()
+    assert again.stats().batch_size == 5
+
+
+def test_results_before_exit_and_reentry_are_refused():
+    model = _mlp()
+    x, y = _batch()
+    cap = gradnoise.capture(model)
+    with cap:
+        F.cross_entropy(model(x), y).backward()
+        with pytest.raises(CaptureStateError, match="finished"):
+            cap.per_sample_sq_norms
+    with pytest.raises(CaptureStateError, match="only once"):
+        with cap:
+            pass
+
+
+def test_no_backward_inside_the_block():
+    model = _mlp()
+    with gradnoise.capture(model) as cap:
+        model(torch.randn(3, 4))
+    assert cap.per_sample_sq_norms == {}
+    with pytest.raises(CaptureStateError, match="backward"):
+        cap.stats()
+
+
+def test_hooks_and_router_removed_when_the_block_raises():
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 3))
+    x, y = _batch()
+    with pytest.raises(KeyError):
+        with gradnoise.capture(model):
+            model(x)
+            raise KeyError("user error")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    from torch.overrides import _get_current_function_mode_stack
+
+    assert not _get_current_function_mode_stack()
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # plain autograd still works
+
+
+def test_unbatched_input_is_refused():
+    model = nn.Linear(4, 3)
+    with pytest.raises(UnsupportedUseError, match="unbatched"):
+        with gradnoise.capture(model):
+            model(torch.randn(4)).sum().backward()
