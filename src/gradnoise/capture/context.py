@@ -9,6 +9,7 @@ removed on exit, also when the block raises.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from typing import Callable, Dict, Iterable, Mapping, Optional
@@ -59,6 +60,7 @@ class Capture:
         self._hooks: list = []
         self._norms: Dict[str, torch.Tensor] = {}
         self._mean_sq: Dict[str, float] = {}
+        self._sums: Dict[str, float] = {}
 
     # ---- context ------------------------------------------------------------------
     def __enter__(self) -> "Capture":
@@ -150,6 +152,7 @@ class Capture:
     def _finish(self) -> None:
         norms = self.store.sq_norms()
         n = self.store.batch_size
+        deltas = {}
         for name, p in self._params.items():
             if p.grad is None:
                 norms.pop(name, None)
@@ -161,13 +164,16 @@ class Capture:
                     "a C++ extension, or a backward outside the capture block)"
                 )
             g = p.grad.detach()
-            if name in self._before:
-                g = g - self._before[name]
-            g = g.reshape(-1)
-            scale = 1.0 if self.reduction == "mean" else 1.0 / n
-            self._mean_sq[name] = float(torch.dot(g, g)) * scale**2
+            deltas[name] = g - self._before[name] if name in self._before else g
         self._norms = norms
-        if any(not bool(torch.isfinite(v).all()) for v in norms.values()):
+        if not deltas:
+            return
+        scale = 1.0 if self.reduction == "mean" else 1.0 / n
+        mean_sq = torch.stack(torch._foreach_norm(list(deltas.values()))).double().square() * scale**2
+        sums = torch.stack([norms[k].sum() for k in deltas]).double()
+        self._mean_sq = dict(zip(deltas, mean_sq.tolist()))
+        self._sums = dict(zip(deltas, sums.tolist()))
+        if not all(map(math.isfinite, self._sums.values())):
             warnings.warn(
                 "gradnoise: this batch has NaN or inf gradients; its statistics are "
                 "flagged 'non_finite'",
@@ -208,10 +214,8 @@ class Capture:
             )
         n = self.store.batch_size
         parts = {
-            name: _stats.from_moments(
-                float(v.double().sum()) / n, self._mean_sq[name], n, n, population
-            )
-            for name, v in self._norms.items()
+            name: _stats.from_moments(self._sums[name] / n, self._mean_sq[name], n, n, population)
+            for name in self._norms
         }
         return _stats.total(parts)
 

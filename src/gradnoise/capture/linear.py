@@ -16,7 +16,6 @@ The backward returns ordinary gradients, so autograd, hooks and DDP see nothing 
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -45,45 +44,62 @@ class LinearFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         site: Site = ctx.site
-        gx = gy.matmul(weight.to(gy.dtype)) if ctx.needs_input_grad[0] else None
-        n = x.shape[0]
-        a = x.reshape(n, -1, x.shape[-1]).to(gy.dtype)
-        d = gy.reshape(n, -1, gy.shape[-1])
-        per_b = d.sum(1)  # [N, d_out]: per-sample bias gradients, and δ_n itself when T = 1
-        bias_sq = functools.cache(lambda: sq_norms(per_b))
-        gw = _weight_grad(site, a, d, bias_sq) if ctx.needs_input_grad[1] else None
-        gb = None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            site.give(site.bias, bias_sq, lambda: per_b, n)
-            gb = per_b.sum(0)
-        return gx, _cast(gw, weight), gb, None
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gy.matmul(weight) if need_x else None
+        if x.dim() == 2:
+            gw, gb = _grads_2d(site, x, gy, need_w, need_b and ctx.has_bias)
+        else:
+            gw, gb = _grads_seq(site, x, gy, need_w, need_b and ctx.has_bias)
+        return gx, gw, gb, None
 
 
-def _cast(g: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    return None if g is None else g.to(like.dtype)
+def _grads_2d(site: Site, a: torch.Tensor, d: torch.Tensor, need_w: bool, need_b: bool):
+    """``a`` ``[N, d_in]``, ``d`` ``[N, d_out]``: ``||g_n^W||² = ||a_n||² ||δ_n||²``."""
+    n = a.shape[0]
+    d_sq = None
+    gw = gb = None
+    if need_b:
+        if site.bias is not None and not site.wants_grads(site.bias):
+            d_sq = sq_norms(d)
+        site.give(site.bias, lambda: d_sq, lambda: d, n)
+        gb = d.sum(0)
+    if need_w:
+        site.give(
+            site.weight,
+            lambda: sq_norms(a) * (d_sq if d_sq is not None else sq_norms(d)),
+            lambda: d.unsqueeze(2) * a.unsqueeze(1),
+            n,
+        )
+        gw = d.t().mm(a)
+    return gw, gb
 
 
-def _weight_grad(site: Site, a: torch.Tensor, d: torch.Tensor, delta_sq) -> torch.Tensor:
-    """Weight gradient ``Σ_n G_n`` ``[d_out, d_in]``; per-sample results to the site.
+def _grads_seq(site: Site, x: torch.Tensor, gy: torch.Tensor, need_w: bool, need_b: bool):
+    """``x`` ``[N, *T, d_in]``, ``gy`` ``[N, *T, d_out]`` (middle dims flattened to T)."""
+    n = x.shape[0]
+    a = x.reshape(n, -1, x.shape[-1])
+    d = gy.reshape(n, -1, gy.shape[-1])
+    gw = gb = None
+    if need_b:
+        per = d.sum(1)  # [N, d_out]
+        site.give(site.bias, lambda: sq_norms(per), lambda: per, n)
+        gb = per.sum(0)
+    if need_w:
+        gw = _weight_grad_seq(site, a, d)
+    return gw, gb
 
-    Args:
-        a: layer input, ``[N, T, d_in]``.
-        d: output gradient, ``[N, T, d_out]``.
-        delta_sq: callable giving ``||Σ_t δ_nt||²`` ``[N]`` (used when ``T = 1``).
-    """
+
+def _weight_grad_seq(site: Site, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Weight gradient ``Σ_n G_n`` ``[d_out, d_in]`` from ``a`` ``[N, T, d_in]`` and
+    ``d`` ``[N, T, d_out]``; per-sample results to the site (Gram or materialised)."""
     ref = site.weight
     n, t, d_in = a.shape
     d_out = d.shape[-1]
-    if t == 1:
-        a2, d2 = a[:, 0], d[:, 0]
-        site.give(ref, lambda: sq_norms(a2) * delta_sq(), lambda: d2.unsqueeze(2) * a2.unsqueeze(1), n)
-        return d2.t().mm(a2)
-    if ref is None:
-        return d.reshape(-1, d_out).t().mm(a.reshape(-1, d_in))
-    if site.wants_grads(ref) or t * t * (d_in + d_out) > d_in * d_out:
+    if ref is not None and (site.wants_grads(ref) or t * t * (d_in + d_out) > d_in * d_out):
         return _materialised(site, a, d)
-    gram = torch.bmm(a, a.transpose(1, 2)).mul_(torch.bmm(d, d.transpose(1, 2)))
-    site.give(ref, lambda: gram.sum((1, 2)), lambda: None, n)
+    if ref is not None:
+        gram = torch.bmm(a, a.transpose(1, 2)).mul_(torch.bmm(d, d.transpose(1, 2)))
+        site.give(ref, lambda: gram.sum((1, 2)), lambda: None, n)
     return d.reshape(-1, d_out).t().mm(a.reshape(-1, d_in))
 
 

@@ -17,7 +17,8 @@ from .store import SampleStore
 
 def sq_norms(t: torch.Tensor, dims=1) -> torch.Tensor:
     """``Σ t²`` over ``dims`` (one fused reduction; faster than ``t.square().sum``)."""
-    return torch.linalg.vector_norm(t, dim=dims).square()
+    low = t.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(t, dim=dims, dtype=torch.float32 if low else None).square()
 
 
 @dataclass(frozen=True)

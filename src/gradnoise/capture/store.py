@@ -1,8 +1,9 @@
 """Where one capture's per-sample results accumulate.
 
-Rules hand their raw results (in the loss's own units, so scaled by 1/B under
-``reduction="mean"``) to :class:`SampleStore`, which scales them back to
-``g_i = ∇l_i`` and combines the uses of each parameter:
+Rules hand their raw results to :class:`SampleStore` in the loss's own units (under
+``reduction="mean"`` every output gradient carries a 1/B). The store keeps them raw and
+scales once, at the end, to ``g_i = ∇l_i`` (norms by B², gradients by B). It combines
+the uses of each parameter:
 
 * a parameter used once, as a whole, receives per-sample squared norms ``[N]``;
 * a parameter used several times, or through views (slices), needs the cross terms
@@ -46,7 +47,7 @@ class SampleStore:
         return view is not None or self.uses[id(param)] > 1
 
     # ---- backward side ------------------------------------------------------------
-    def _scale(self, n: int) -> float:
+    def _check_batch(self, n: int) -> None:
         if self.batch_size is None:
             self.batch_size = n
         elif n != self.batch_size:
@@ -54,16 +55,13 @@ class SampleStore:
                 f"one capture saw batches of {self.batch_size} and {n} samples; "
                 "open one capture per forward/backward pass of one batch"
             )
-        return float(n) if self.mean_reduction else 1.0
 
-    def add_sq_norms(
-        self, param: torch.Tensor, sq_norms: torch.Tensor, n: int, start: int = 0
-    ) -> None:
-        """Add raw squared norms of samples ``start, …`` of a batch of ``n`` for a single
-        whole-parameter use."""
-        scale = self._scale(n)
+    def add_sq_norms(self, param: torch.Tensor, sq_norms: torch.Tensor, n: int, start: int = 0) -> None:
+        """Add raw squared norms ``[c]`` of samples ``start, …`` of a batch of ``n`` for a
+        single whole-parameter use."""
+        self._check_batch(n)
         name = self.names[id(param)]
-        value = sq_norms.detach().to(_acc_dtype(sq_norms)) * scale**2
+        value = _acc(sq_norms)
         buf = self._sq_norms.get(name)
         if buf is None and start == 0 and value.shape[0] == n:
             self._sq_norms[name] = value
@@ -73,19 +71,14 @@ class SampleStore:
         buf[start : start + value.shape[0]] += value
 
     def add_grads(
-        self,
-        param: torch.Tensor,
-        grads: torch.Tensor,
-        view: Optional[torch.Tensor],
-        n: int,
-        start: int = 0,
+        self, param: torch.Tensor, grads: torch.Tensor, view: Optional[torch.Tensor], n: int, start: int = 0
     ) -> None:
         """Add raw per-sample gradients ``[c, *view.shape]`` (or ``[c, *param.shape]``)
         of samples ``start, …, start + c − 1`` of a batch of ``n``."""
-        scale = self._scale(n)
+        self._check_batch(n)
         name = self.names[id(param)]
         c = grads.shape[0]
-        flat = grads.detach().reshape(c, -1).to(_acc_dtype(grads)) * scale
+        flat = _acc(grads.reshape(c, -1))
         buf = self._grads.get(name)
         if buf is None:
             buf = self._grads[name] = flat.new_zeros(n, param.numel())
@@ -106,7 +99,7 @@ class SampleStore:
     ) -> None:
         """Hand over one use (or a chunk of samples of it): ``sq_norms()`` ``[c]`` when
         that suffices, else ``grads()`` ``[c, *shape]``."""
-        if self.wants_grads(param, view):
+        if view is not None or self.uses[id(param)] > 1:
             self.add_grads(param, grads(), view, n, start)
         else:
             self.add_sq_norms(param, sq_norms(), n, start)
@@ -129,9 +122,13 @@ class SampleStore:
         for name, g in self._grads.items():
             val = torch.linalg.vector_norm(g, dim=1).square()
             out[name] = val if name not in out else out[name] + val
+        if out and self.mean_reduction:
+            torch._foreach_mul_(list(out.values()), float(self.batch_size) ** 2)
         return out
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """Accumulate in float64 for float64 input, else float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in its accumulation dtype: float64 stays, anything else becomes float32."""
+    if t.dtype == torch.float64 or t.dtype == torch.float32:
+        return t
+    return t.float()
