@@ -19,6 +19,7 @@ states carry the batch on dim 1 (and the sequence too unless ``batch_first``).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -75,7 +76,9 @@ def _vmapped(call, primals, xs, ds, in_dims, out_dims) -> Tuple[Dict[str, torch.
         outs, pull = vjp(lambda p: call(p, xs_n), primals)
         return pull(tuple(ds_n))[0], outs
 
-    grads, outs = vmap(one, in_dims=(in_dims, out_dims), out_dims=(0, 0), randomness="error")(xs, ds)
+    with warnings.catch_warnings():  # vmap's "no batching rule, performance drop" notes
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        grads, outs = vmap(one, in_dims=(in_dims, out_dims), out_dims=(0, 0), randomness="error")(xs, ds)
     return grads, list(outs)
 
 

@@ -42,7 +42,7 @@ def attach(cap: "Capture", model: nn.Module, rules: Mapping[type, Callable]) -> 
         for name, m in model.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 handles.append(m.register_forward_pre_hook(partial(_refuse_batch_stats, name)))
-            own = {k: p for k, p in m.named_parameters(recurse=False) if id(p) in cap.store.names}
+            own = {k: p for k, p in m._parameters.items() if p is not None and id(p) in cap.store.names}
             if not own:
                 continue
             rule = _user_rule(rules, m)

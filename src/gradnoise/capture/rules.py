@@ -3,6 +3,8 @@ with a functional rule. Everything else that owns parameters goes to a module ru
 (a user's, or the torch.func fallback)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,4 +52,9 @@ FUNCTIONAL_MODULES = tuple(
 
 def is_functional(module: nn.Module) -> bool:
     """True when ``module`` is a known layer type whose ``forward`` is not overridden."""
-    return any(isinstance(module, base) and type(module).forward is base.forward for base in FUNCTIONAL_MODULES)
+    return _is_functional_type(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_functional_type(cls: type) -> bool:
+    return any(issubclass(cls, base) and cls.forward is base.forward for base in FUNCTIONAL_MODULES)

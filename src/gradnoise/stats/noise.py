@@ -48,6 +48,8 @@ class NoiseStats:
             ``non_finite``, ``grad_sq_norm_nonpositive``. A flagged value is NaN,
             never a silent number.
         population: ``N`` when the finite-population correction was applied.
+        combo_factor: ``Σ_j w_j²/b_j`` when ``C`` combined the groups with weights
+            other than ``b_j/B`` (see :func:`from_moments`), else None.
         by_param: for a whole model, parameter name -> statistics of that parameter
             alone (empty for a single block). The totals are their sums.
     """
@@ -61,6 +63,7 @@ class NoiseStats:
     group_sq_norm: float
     flag: Optional[str] = None
     population: Optional[int] = None
+    combo_factor: Optional[float] = None
     by_param: Mapping[str, "NoiseStats"] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -93,35 +96,49 @@ def from_moments(
     batch_size: int,
     n_groups: int,
     population: Optional[int] = None,
+    combo_factor: Optional[float] = None,
 ) -> NoiseStats:
     """Noise statistics from the two moments ``A`` and ``C`` (module docstring).
 
     Args:
         group_sq_norm: ``A = Σ_j (b_j/B)||g⁽ʲ⁾||²``.
-        mean_sq_norm: ``C = ||ḡ||²``.
+        mean_sq_norm: ``C = ||Σ_j w_j g⁽ʲ⁾||²``, by default with ``w_j = b_j/B`` (the
+            batch mean ``ḡ``).
         batch_size: ``B = Σ_j b_j``.
         n_groups: ``k``.
         population: ``N`` when the batch was drawn without replacement from ``N``
             samples; ``None`` for i.i.d. sampling.
+        combo_factor: ``f = Σ_j w_j²/b_j`` when ``C`` combines the groups with other
+            weights ``w_j`` (``Σ w_j = 1``), e.g. DistributedDataParallel's plain average
+            over ranks of unequal size. Then ``E[C] = |G|² + f·tr(Σ)`` and
+            ``trace_cov = (A − C)/(k/B − f)``, ``grad_sq_norm = C − f·trace_cov``. The
+            default ``f = 1/B`` gives the formulas above.
     """
     A, C, B, k = float(group_sq_norm), float(mean_sq_norm), int(batch_size), int(n_groups)
     nan = math.nan
     if not (math.isfinite(A) and math.isfinite(C)):
-        return NoiseStats(B, k, nan, nan, nan, C, A, FLAG_NON_FINITE, population)
+        return NoiseStats(B, k, nan, nan, nan, C, A, FLAG_NON_FINITE, population, combo_factor)
     if k < 2:
-        return NoiseStats(B, k, nan, nan, nan, C, A, FLAG_SINGLE_GROUP, population)
-    s2 = B * (A - C) / (k - 1)
-    if population is None:
+        return NoiseStats(B, k, nan, nan, nan, C, A, FLAG_SINGLE_GROUP, population, combo_factor)
+    if combo_factor is not None:
+        if population is not None:
+            raise ValueError("the finite-population correction needs the default weights")
+        f = float(combo_factor)
+        trace_cov = (A - C) / (k / B - f)
+        grad_sq_norm = C - f * trace_cov
+    elif population is None:
+        s2 = B * (A - C) / (k - 1)
         trace_cov, grad_sq_norm = s2, C - s2 / B
     else:
+        s2 = B * (A - C) / (k - 1)
         N = int(population)
         if N < B:
             raise ValueError(f"population N={N} is smaller than the batch B={B}")
         trace_cov = s2 * (N - 1) / N
         grad_sq_norm = C - s2 * (1.0 / B - 1.0 / N)
     if grad_sq_norm <= 0:
-        return NoiseStats(B, k, trace_cov, grad_sq_norm, nan, C, A, FLAG_NONPOSITIVE, population)
-    return NoiseStats(B, k, trace_cov, grad_sq_norm, trace_cov / grad_sq_norm, C, A, None, population)
+        return NoiseStats(B, k, trace_cov, grad_sq_norm, nan, C, A, FLAG_NONPOSITIVE, population, combo_factor)
+    return NoiseStats(B, k, trace_cov, grad_sq_norm, trace_cov / grad_sq_norm, C, A, None, population, combo_factor)
 
 
 def from_groups(
@@ -129,6 +146,7 @@ def from_groups(
     group_sizes: Sequence[int],
     mean_sq_norm: float,
     population: Optional[int] = None,
+    weights: Optional[Sequence[float]] = None,
 ) -> NoiseStats:
     """Noise statistics from the squared norms of ``k`` group-mean gradients.
 
@@ -136,8 +154,10 @@ def from_groups(
         group_sq_norms: ``||g⁽ʲ⁾||²``, shape ``[k]``, each the squared norm of a
             group's *mean* gradient (for single samples: ``||g_i||²``, never scaled by 1/B).
         group_sizes: ``b_j``, shape ``[k]``.
-        mean_sq_norm: ``C = ||ḡ||²`` of the full-batch mean gradient.
+        mean_sq_norm: ``C = ||Σ_j w_j g⁽ʲ⁾||²``; by default ``w_j = b_j/B``, the
+            full-batch mean gradient.
         population: see :func:`from_moments`.
+        weights: ``w_j`` ``[k]`` (summing to 1) when ``C`` is of another combination.
     """
     sizes = [int(b) for b in group_sizes]
     norms = [float(v) for v in group_sq_norms]
@@ -147,7 +167,13 @@ def from_groups(
         raise ValueError(f"group sizes must be positive, got {sizes}")
     B = sum(sizes)
     A = math.fsum(b * v for b, v in zip(sizes, norms)) / B
-    return from_moments(A, mean_sq_norm, B, len(sizes), population)
+    f = None
+    if weights is not None:
+        w = [float(x) for x in weights]
+        if len(w) != len(sizes) or abs(math.fsum(w) - 1.0) > 1e-9:
+            raise ValueError(f"weights must be {len(sizes)} numbers summing to 1, got {w}")
+        f = math.fsum(x * x / b for x, b in zip(w, sizes))
+    return from_moments(A, mean_sq_norm, B, len(sizes), population, f)
 
 
 def from_per_sample(
@@ -168,13 +194,13 @@ def total(parts: Mapping[str, NoiseStats]) -> NoiseStats:
     """
     if not parts:
         raise ValueError("no parameter received a gradient")
-    shapes = {(s.batch_size, s.n_groups, s.population) for s in parts.values()}
+    shapes = {(s.batch_size, s.n_groups, s.population, s.combo_factor) for s in parts.values()}
     if len(shapes) != 1:
-        raise ValueError(f"parameter blocks disagree on (batch_size, n_groups, population): {shapes}")
-    (B, k, N), = shapes
+        raise ValueError(f"parameter blocks disagree on (batch_size, n_groups, population, weights): {shapes}")
+    (B, k, N, f), = shapes
     A = math.fsum(s.group_sq_norm for s in parts.values())
     C = math.fsum(s.mean_sq_norm for s in parts.values())
-    whole = from_moments(A, C, B, k, N)
+    whole = from_moments(A, C, B, k, N, f)
     return replace(whole, by_param=dict(parts))
 
 
