@@ -24,11 +24,14 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def cast(device_type: str, tensors: Sequence[Optional[torch.Tensor]]):
     """Cast floating tensors to the autocast dtype; returns ``(tensors, context)`` where
     the context turns autocast off for the rule's own computation."""
     dtype = autocast_dtype(device_type)
     if dtype is None:
-        return list(tensors), contextlib.nullcontext()
+        return tensors, _NO_CONTEXT
     out = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
     return out, torch.autocast(device_type, enabled=False)

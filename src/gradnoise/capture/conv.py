@@ -47,7 +47,7 @@ class ConvFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = _conv_backward(gy, x, weight, None, stride, padding, dilation, False, zeros, groups, [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            step = chunk_size(n, weight.numel(), x.numel())
+            step = chunk_size(n, weight.numel(), x.numel() // 8)
             for lo in range(0, n, step):
                 g = _per_sample_weight_grads(x[lo : lo + step], gy[lo : lo + step], weight, stride, padding, dilation, groups)
                 site.give(site.weight, lambda: sq_norms(g.flatten(1)), lambda: g, n, lo)
