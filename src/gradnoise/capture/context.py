@@ -27,6 +27,11 @@ from .store import SampleStore
 
 _REDUCTIONS = ("mean", "sum")
 
+try:
+    from torch.overrides import _get_current_function_mode_stack as _mode_stack
+except ImportError:  # pragma: no cover
+    _mode_stack = None
+
 
 class Capture:
     """Context manager measuring per-sample gradient norms of ``model``.
@@ -169,10 +174,11 @@ class Capture:
         if not deltas:
             return
         scale = 1.0 if self.reduction == "mean" else 1.0 / n
-        mean_sq = torch.stack(torch._foreach_norm(list(deltas.values()))).double().square() * scale**2
-        sums = torch.stack([norms[k].sum() for k in deltas]).double()
-        self._mean_sq = dict(zip(deltas, mean_sq.tolist()))
-        self._sums = dict(zip(deltas, sums.tolist()))
+        sums = torch.stack([norms[k] for k in deltas]).sum(1)
+        grad_norms = torch.stack(torch._foreach_norm(list(deltas.values()))).to(sums.dtype)
+        values = torch.cat([sums, grad_norms]).double().tolist()
+        self._sums = dict(zip(deltas, values[: len(deltas)]))
+        self._mean_sq = {k: v * v * scale**2 for k, v in zip(deltas, values[len(deltas):])}
         if not all(map(math.isfinite, self._sums.values())):
             warnings.warn(
                 "gradnoise: this batch has NaN or inf gradients; its statistics are "
@@ -244,11 +250,9 @@ def capture(
 
 
 def _open_routers():
-    try:
-        from torch.overrides import _get_current_function_mode_stack
-    except ImportError:  # pragma: no cover
+    if _mode_stack is None:  # pragma: no cover
         return []
-    return [m for m in _get_current_function_mode_stack() if isinstance(m, Router)]
+    return [m for m in _mode_stack() if isinstance(m, Router)]
 
 
 def _func_name(func) -> str:

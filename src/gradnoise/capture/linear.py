@@ -53,6 +53,34 @@ class LinearFn(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def _observed_2d(site: Site, x: torch.Tensor, weight, bias):
+    """2-D input: plain ``F.linear`` (its backward stays in C++), and a hook on the
+    output's gradient ``δ`` that computes the per-sample results, as the weight gradient
+    needs nothing beyond what autograd already computes."""
+    y = F.linear(x, weight, bias)
+    if y.requires_grad:
+        a = x.detach() if site.weight is not None else None
+        y.register_hook(lambda d: _observe_2d(site, a, d))
+    return y
+
+
+def _observe_2d(site: Site, a: Optional[torch.Tensor], d: torch.Tensor) -> None:
+    """``||g_n^W||² = ||a_n||² ||δ_n||²``, ``||g_n^b||² = ||δ_n||²`` (or the per-sample
+    gradients themselves where the store needs them)."""
+    n = d.shape[0]
+    d_sq = None
+    if site.bias is not None and not site.wants_grads(site.bias):
+        d_sq = sq_norms(d)
+    site.give(site.bias, lambda: d_sq, lambda: d, n)
+    if a is not None:
+        site.give(
+            site.weight,
+            lambda: sq_norms(a) * (d_sq if d_sq is not None else sq_norms(d)),
+            lambda: d.unsqueeze(2) * a.unsqueeze(1),
+            n,
+        )
+
+
 def _grads_2d(site: Site, a: torch.Tensor, d: torch.Tensor, need_w: bool, need_b: bool):
     """``a`` ``[N, d_in]``, ``d`` ``[N, d_out]``: ``||g_n^W||² = ||a_n||² ||δ_n||²``."""
     n = a.shape[0]
@@ -134,7 +162,10 @@ def chunk_size(n: int, per_sample: int, budget: int) -> int:
 
 def handle_linear(cap, func, args, kwargs):
     """Rule-table entry for ``F.linear(input, weight, bias=None)``."""
-    x, weight, bias = bind(args, kwargs, ("input", "weight", "bias"), (None,))
+    if kwargs or len(args) != 3:
+        x, weight, bias = bind(args, kwargs, ("input", "weight", "bias"), (None,))
+    else:
+        x, weight, bias = args
     wref, bref = cap.ref(weight), cap.ref(bias)
     if (wref is None and bref is None) or not torch.is_grad_enabled():
         return func(*args, **kwargs)
@@ -144,15 +175,18 @@ def handle_linear(cap, func, args, kwargs):
             f"'{cap.name_of((wref or bref).param)}'): per-sample gradients need a "
             "leading sample dimension"
         )
-    return apply_linear(cap, x, weight, bias)
+    return apply_linear(cap, x, weight, bias, cap.site(wref, bref))
 
 
-def apply_linear(cap, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+def apply_linear(cap, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], site: Optional[Site] = None):
     """``F.linear(x, weight, bias)`` measured per sample along dim 0 of ``x``.
 
     ``weight``/``bias`` may be parameters or views of them (slices of a packed
     projection); unmeasured ones are treated as constants of the rule."""
-    site = cap.site(cap.ref(weight), cap.ref(bias))
+    if site is None:
+        site = cap.site(cap.ref(weight), cap.ref(bias))
+    if x.dim() == 2:
+        return _observed_2d(site, x, weight, bias)
     (x, weight, bias), ctx = amp.cast(x.device.type, (x, weight, bias))
     with ctx:
         return LinearFn.apply(x, weight, bias, site)

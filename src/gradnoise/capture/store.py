@@ -117,14 +117,19 @@ class SampleStore:
 
     # ---- results ------------------------------------------------------------------
     def sq_norms(self) -> Dict[str, torch.Tensor]:
-        """Parameter name -> per-sample squared norms ``[N]`` of ``g_i = ∇l_i``."""
+        """Parameter name -> per-sample squared norms ``[N]`` of ``g_i = ∇l_i``, each a
+        row of one ``[P, N]`` tensor."""
         out = dict(self._sq_norms)
         for name, g in self._grads.items():
             val = torch.linalg.vector_norm(g, dim=1).square()
             out[name] = val if name not in out else out[name] + val
-        if out and self.mean_reduction:
-            torch._foreach_mul_(list(out.values()), float(self.batch_size) ** 2)
-        return out
+        if not out:
+            return out
+        dtype = torch.float64 if any(v.dtype == torch.float64 for v in out.values()) else torch.float32
+        rows = torch.stack([v.to(dtype) for v in out.values()])
+        if self.mean_reduction:
+            rows = rows * float(self.batch_size) ** 2
+        return dict(zip(out, rows.unbind(0)))
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
