@@ -230,3 +230,17 @@ def test_unbatched_input_is_refused():
     with pytest.raises(UnsupportedUseError, match="unbatched"):
         with gradnoise.capture(model):
             model(torch.randn(4)).sum().backward()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)),  # 2-D hook route
+    lambda: nn.Sequential(nn.Conv1d(4, 3, 1), nn.Flatten()),             # custom-Function route
+])
+def test_second_backward_through_the_same_graph_is_refused(make):
+    model = make()
+    x = torch.randn(5, 4, 1) if isinstance(model[0], nn.Conv1d) else torch.randn(5, 4)
+    with pytest.raises(CaptureStateError, match="second backward"):
+        with gradnoise.capture(model, reduction="sum"):
+            loss = model(x).pow(2).sum()
+            loss.backward(retain_graph=True)
+            loss.backward()

@@ -53,6 +53,7 @@ class ConvFn(torch.autograd.Function):
                 site.give(site.weight, lambda: sq_norms(g.flatten(1)), lambda: g, n, lo)
                 part = g.sum(0)
                 gw = part if gw is None else gw.add_(part)
+                del g, part  # free this chunk before the next one is allocated
         if ctx.has_bias and ctx.needs_input_grad[2]:
             per = gy.flatten(2).sum(2)  # [N, C_out]
             site.give(site.bias, lambda: sq_norms(per), lambda: per, n)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedUseError
 from . import amp
 from .args import bind
-from .site import Site, sq_norms
+from .site import Site, sq_norms, take
 
 # Materialised per-sample gradients of one chunk may use at most this many elements
 # beyond one sample's, or the size of the layer's saved input, whichever is larger.
@@ -59,8 +59,10 @@ def _observed_2d(site: Site, x: torch.Tensor, weight, bias):
     needs nothing beyond what autograd already computes."""
     y = F.linear(x, weight, bias)
     if y.requires_grad:
-        a = x.detach() if site.weight is not None else None
-        y.register_hook(lambda d: _observe_2d(site, a, d))
+        # a one-shot box, emptied by the hook, so the hook does not keep x alive after it
+        # ran (the graph node, with its hooks, can outlive its own backward)
+        box = [x.detach() if site.weight is not None else None]
+        y.register_hook(lambda d: _observe_2d(site, take(box), d))
     return y
 
 
@@ -136,7 +138,7 @@ def _materialise_cheaper(n: int, t: int, d_in: int, d_out: int) -> bool:
     beyond the weight gradient while chunks hold ≥ 8 samples (or the whole batch); with
     smaller chunks it wins only where the Gram route's extra ``T²(d_in + d_out)`` per
     sample exceeds the weight gradient's ``T·d_in·d_out``."""
-    step = chunk_size(n, d_in * d_out, n * t * d_in)
+    step = chunk_size(n, d_in * d_out, n * t * max(d_in, d_out))
     return step >= min(n, 8) or t * (d_in + d_out) > d_in * d_out
 
 
@@ -144,13 +146,14 @@ def _materialised(site: Site, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``G_n = Δ_nᵀ A_n`` chunk by chunk; returns ``Σ_n G_n``."""
     n, _, d_in = a.shape
     d_out = d.shape[-1]
-    step = chunk_size(n, d_in * d_out, a.numel())
+    step = chunk_size(n, d_in * d_out, max(a.numel(), d.numel()))
     total = None
     for lo in range(0, n, step):
         g = torch.bmm(d[lo : lo + step].transpose(1, 2), a[lo : lo + step])
         site.give(site.weight, lambda: sq_norms(g, (1, 2)), lambda: g, n, lo)
         part = g.sum(0)
         total = part if total is None else total.add_(part)
+        del g, part  # free this chunk before the next one is allocated
     return total
 
 

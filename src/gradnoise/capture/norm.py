@@ -1,15 +1,15 @@
 """Normalisation layers' affine parameters: ``y = x̂ ⊙ w + b``.
 
 Each normalisation (LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm in eval
-mode) runs as its normalisation without affine parameters, ``x̂ = norm(x)``, followed by
-the affine map, inside :class:`NormFn`. Summing over every dimension except the sample
-dimension and the parameter's own, the per-sample gradients are::
+mode) runs as torch runs it, forward and backward. A hook on its output's gradient
+``δ`` recomputes ``x̂ = norm(x)`` without the affine parameters (one extra
+normalisation forward) and, summing over every dimension except the sample dimension
+and the parameter's own, forms the per-sample gradients::
 
     g_n^w = Σ δ_n ⊙ x̂_n        g_n^b = Σ δ_n
 
-These are small (``[N, *w.shape]``) and always computed in full. Only ``x`` is saved,
-as the plain layer does; ``x̂`` is recomputed in the backward (one extra normalisation
-forward), so no activation-sized tensor is kept alive.
+These are small (``[N, *w.shape]``) and always computed in full. The hook holds only
+``x``, which the layer saves anyway, so no activation-sized tensor is kept alive.
 BatchNorm in training mode mixes samples and is refused.
 """
 from __future__ import annotations
@@ -21,46 +21,30 @@ import torch
 
 from ..errors import SampleMixingError
 from .args import bind
-from .site import Site, sq_norms
+from .site import Site, sq_norms, take
 
 
-class NormFn(torch.autograd.Function):
-    """``normalize(x) ⊙ w + b`` with ``w``, ``b`` over the trailing dims (``channel=False``)
-    or over dim 1 (``channel=True``). ``recompute`` gives the same ``x̂`` without side
-    effects (no running-statistics update)."""
+def _observed(cap, y: torch.Tensor, x: torch.Tensor, weight, bias, recompute: Callable, channel: bool):
+    """Hook ``y``'s gradient ``δ``; there, recompute ``x̂ = recompute(x)`` and hand the
+    per-sample gradients of ``weight`` and ``bias`` to the store."""
+    site = cap.site(cap.ref(weight), cap.ref(bias))
+    if y.requires_grad:
+        box = [x.detach()]  # emptied by the hook: x is not kept alive after it ran
+        w_shape = None if weight is None else weight.shape
+        b_shape = None if bias is None else bias.shape
+        y.register_hook(lambda d: _observe(site, take(box), d, recompute, channel, w_shape, b_shape))
+    return y
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, normalize: Callable, recompute: Callable, channel: bool, site: Site):
-        ctx.save_for_backward(x, weight)
-        ctx.recompute, ctx.channel, ctx.site = recompute, channel, site
-        ctx.has_bias = bias is not None
-        ctx.bias_shape = None if bias is None else bias.shape
-        y = normalize(x)
-        if weight is not None:
-            y = y * _bcast(weight, y, channel)
-        return y if bias is None else y + _bcast(bias, y, channel)
 
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
-        site: Site = ctx.site
-        n = gy.shape[0]
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            xhat = ctx.recompute(x_in)
-        gx = gw = gb = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            per = _per_sample(gy * xhat.detach(), weight.shape, ctx.channel)
-            site.give(site.weight, lambda: sq_norms(per.flatten(1)), lambda: per, n)
-            gw = per.sum(0)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            per_b = _per_sample(gy, ctx.bias_shape, ctx.channel)
-            site.give(site.bias, lambda: sq_norms(per_b.flatten(1)), lambda: per_b, n)
-            gb = per_b.sum(0)
-        if ctx.needs_input_grad[0]:
-            g_xhat = gy if weight is None else gy * _bcast(weight, gy, ctx.channel)
-            (gx,) = torch.autograd.grad(xhat, x_in, g_xhat)
-        return gx, gw, gb, None, None, None, None
+def _observe(site: Site, x, d, recompute, channel, w_shape, b_shape) -> None:
+    n = d.shape[0]
+    if site.weight is not None:
+        with torch.no_grad():
+            per = _per_sample(d * recompute(x), w_shape, channel)
+        site.give(site.weight, lambda: sq_norms(per.flatten(1)), lambda: per, n)
+    if site.bias is not None:
+        per_b = _per_sample(d, b_shape, channel)
+        site.give(site.bias, lambda: sq_norms(per_b.flatten(1)), lambda: per_b, n)
 
 
 def _bcast(p: torch.Tensor, x: torch.Tensor, channel: bool) -> torch.Tensor:
@@ -81,30 +65,28 @@ def _measured(cap, *params) -> bool:
     return torch.is_grad_enabled() and any(cap.ref(p) is not None for p in params)
 
 
-def _apply(cap, x, weight, bias, normalize, channel: bool, recompute=None):
-    site = cap.site(cap.ref(weight), cap.ref(bias))
-    return NormFn.apply(x, weight, bias, normalize, recompute or normalize, channel, site)
-
-
 def handle_layer_norm(cap, func, args, kwargs):
     x, shape, weight, bias, eps = bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), (None, None, 1e-5))
     if not _measured(cap, weight, bias):
         return func(*args, **kwargs)
-    return _apply(cap, x, weight, bias, partial(func, normalized_shape=shape, eps=eps), channel=False)
+    y = func(*args, **kwargs)
+    return _observed(cap, y, x, weight, bias, partial(func, normalized_shape=shape, eps=eps), channel=False)
 
 
 def handle_rms_norm(cap, func, args, kwargs):
     x, shape, weight, eps = bind(args, kwargs, ("input", "normalized_shape", "weight", "eps"), (None, None))
     if not _measured(cap, weight):
         return func(*args, **kwargs)
-    return _apply(cap, x, weight, None, partial(func, normalized_shape=shape, eps=eps), channel=False)
+    y = func(*args, **kwargs)
+    return _observed(cap, y, x, weight, None, partial(func, normalized_shape=shape, eps=eps), channel=False)
 
 
 def handle_group_norm(cap, func, args, kwargs):
     x, groups, weight, bias, eps = bind(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"), (None, None, 1e-5))
     if not _measured(cap, weight, bias):
         return func(*args, **kwargs)
-    return _apply(cap, x, weight, bias, partial(func, num_groups=groups, eps=eps), channel=True)
+    y = func(*args, **kwargs)
+    return _observed(cap, y, x, weight, bias, partial(func, num_groups=groups, eps=eps), channel=True)
 
 
 def handle_instance_norm(cap, func, args, kwargs):
@@ -112,10 +94,13 @@ def handle_instance_norm(cap, func, args, kwargs):
     x, rm, rv, weight, bias, use_stats, momentum, eps = bind(args, kwargs, names, (None, None, None, None, True, 0.1, 1e-5))
     if not _measured(cap, weight, bias):
         return func(*args, **kwargs)
-    normalize = partial(func, running_mean=rm, running_var=rv, use_input_stats=use_stats, momentum=momentum, eps=eps)
+    y = func(*args, **kwargs)
     # the recomputation must not update the running statistics a second time
-    recompute = normalize if not use_stats else partial(func, use_input_stats=True, eps=eps)
-    return _apply(cap, x, weight, bias, normalize, channel=True, recompute=recompute)
+    if use_stats:
+        recompute = partial(func, use_input_stats=True, eps=eps)
+    else:
+        recompute = partial(func, running_mean=rm, running_var=rv, use_input_stats=False, eps=eps)
+    return _observed(cap, y, x, weight, bias, recompute, channel=True)
 
 
 def handle_batch_norm(cap, func, args, kwargs):
@@ -130,5 +115,6 @@ def handle_batch_norm(cap, func, args, kwargs):
         )
     if not _measured(cap, weight, bias):
         return func(*args, **kwargs)
-    normalize = partial(func, running_mean=rm, running_var=rv, training=False, momentum=momentum, eps=eps)
-    return _apply(cap, x, weight, bias, normalize, channel=True)
+    y = func(*args, **kwargs)
+    recompute = partial(func, running_mean=rm, running_var=rv, training=False, eps=eps)
+    return _observed(cap, y, x, weight, bias, recompute, channel=True)

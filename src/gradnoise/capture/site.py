@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..errors import CaptureStateError
 from .store import SampleStore
 
 
@@ -19,6 +20,17 @@ def sq_norms(t: torch.Tensor, dims=1) -> torch.Tensor:
     """``Σ t²`` over ``dims`` (one fused reduction; faster than ``t.square().sum``)."""
     low = t.dtype in (torch.float16, torch.bfloat16)
     return torch.linalg.vector_norm(t, dim=dims, dtype=torch.float32 if low else None).square()
+
+
+def take(box: list):
+    """The one item of a one-shot box, for a gradient hook that must not keep it alive
+    after it ran; a second call means a second backward through the same graph."""
+    if not box:
+        raise CaptureStateError(
+            "a second backward through the same graph inside one capture: per-sample "
+            "results would count twice; open one capture per backward pass"
+        )
+    return box.pop()
 
 
 @dataclass(frozen=True)

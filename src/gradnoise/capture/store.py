@@ -32,6 +32,7 @@ class SampleStore:
         self.names = names
         self.mean_reduction = mean_reduction
         self.uses: Counter = Counter()
+        self._filled: Counter = Counter()
         self.batch_size: Optional[int] = None
         self._sq_norms: Dict[str, torch.Tensor] = {}
         self._grads: Dict[str, torch.Tensor] = {}
@@ -47,7 +48,9 @@ class SampleStore:
         return view is not None or self.uses[id(param)] > 1
 
     # ---- backward side ------------------------------------------------------------
-    def _check_batch(self, n: int) -> None:
+    def _check_batch(self, param: torch.Tensor, n: int, c: int) -> None:
+        """``c`` more samples of a batch of ``n`` for ``param``: every use hands over each
+        sample exactly once, so more than ``uses × n`` means a second backward."""
         if self.batch_size is None:
             self.batch_size = n
         elif n != self.batch_size:
@@ -55,11 +58,19 @@ class SampleStore:
                 f"one capture saw batches of {self.batch_size} and {n} samples; "
                 "open one capture per forward/backward pass of one batch"
             )
+        key = id(param)
+        self._filled[key] += c
+        if self._filled[key] > n * max(1, self.uses[key]):
+            raise CaptureStateError(
+                f"parameter '{self.names[key]}' received per-sample results twice: a second "
+                "backward through the same graph inside one capture is not supported; "
+                "open one capture per backward pass"
+            )
 
     def add_sq_norms(self, param: torch.Tensor, sq_norms: torch.Tensor, n: int, start: int = 0) -> None:
         """Add raw squared norms ``[c]`` of samples ``start, …`` of a batch of ``n`` for a
         single whole-parameter use."""
-        self._check_batch(n)
+        self._check_batch(param, n, sq_norms.shape[0])
         name = self.names[id(param)]
         value = _acc(sq_norms)
         buf = self._sq_norms.get(name)
@@ -75,9 +86,9 @@ class SampleStore:
     ) -> None:
         """Add raw per-sample gradients ``[c, *view.shape]`` (or ``[c, *param.shape]``)
         of samples ``start, …, start + c − 1`` of a batch of ``n``."""
-        self._check_batch(n)
-        name = self.names[id(param)]
         c = grads.shape[0]
+        self._check_batch(param, n, c)
+        name = self.names[id(param)]
         flat = _acc(grads.reshape(c, -1))
         buf = self._grads.get(name)
         if buf is None:
