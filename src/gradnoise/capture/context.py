@@ -155,30 +155,33 @@ class Capture:
 
     # ---- results ------------------------------------------------------------------
     def _finish(self) -> None:
-        norms = self.store.sq_norms()
+        names, rows = self.store.sq_norms()
         n = self.store.batch_size
-        deltas = {}
+        index = {name: i for i, name in enumerate(names)}
+        kept, deltas = [], []
         for name, p in self._params.items():
             if p.grad is None:
-                norms.pop(name, None)
                 continue
-            if name not in norms:
+            if name not in index:
                 raise UnsupportedUseError(
                     f"parameter '{name}' received a gradient but no per-sample gradient "
                     "was computed: it was used by code gradnoise cannot see (TorchScript, "
                     "a C++ extension, or a backward outside the capture block)"
                 )
             g = p.grad.detach()
-            deltas[name] = g - self._before[name] if name in self._before else g
-        self._norms = norms
-        if not deltas:
+            kept.append(name)
+            deltas.append(g - self._before[name] if name in self._before else g)
+        if not kept:
             return
+        order = [index[k] for k in kept]
+        if order != list(range(len(names))):
+            rows = rows[order]
+        self._norms = dict(zip(kept, rows.unbind(0)))
         scale = 1.0 if self.reduction == "mean" else 1.0 / n
-        sums = torch.stack([norms[k] for k in deltas]).sum(1)
-        grad_norms = torch.stack(torch._foreach_norm(list(deltas.values()))).to(sums.dtype)
-        values = torch.cat([sums, grad_norms]).double().tolist()
-        self._sums = dict(zip(deltas, values[: len(deltas)]))
-        self._mean_sq = {k: v * v * scale**2 for k, v in zip(deltas, values[len(deltas):])}
+        grad_norms = torch.stack(torch._foreach_norm(deltas)).to(rows.dtype)
+        values = torch.cat([rows.sum(1), grad_norms]).tolist()
+        self._sums = dict(zip(kept, values[: len(kept)]))
+        self._mean_sq = {k: v * v * scale**2 for k, v in zip(kept, values[len(kept):])}
         if not all(map(math.isfinite, self._sums.values())):
             warnings.warn(
                 "gradnoise: this batch has NaN or inf gradients; its statistics are "

@@ -13,7 +13,7 @@ the uses of each parameter:
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -127,20 +127,20 @@ class SampleStore:
         return idx
 
     # ---- results ------------------------------------------------------------------
-    def sq_norms(self) -> Dict[str, torch.Tensor]:
-        """Parameter name -> per-sample squared norms ``[N]`` of ``g_i = ∇l_i``, each a
-        row of one ``[P, N]`` tensor."""
+    def sq_norms(self) -> Tuple[List[str], Optional[torch.Tensor]]:
+        """Parameter names and their per-sample squared norms of ``g_i = ∇l_i`` as the
+        rows of one ``[P, N]`` tensor (None when nothing was handed over)."""
         out = dict(self._sq_norms)
         for name, g in self._grads.items():
             val = torch.linalg.vector_norm(g, dim=1).square()
             out[name] = val if name not in out else out[name] + val
         if not out:
-            return out
+            return [], None
         dtype = torch.float64 if any(v.dtype == torch.float64 for v in out.values()) else torch.float32
         rows = torch.stack([v.to(dtype) for v in out.values()])
         if self.mean_reduction:
-            rows = rows * float(self.batch_size) ** 2
-        return dict(zip(out, rows.unbind(0)))
+            rows.mul_(float(self.batch_size) ** 2)
+        return list(out), rows
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
