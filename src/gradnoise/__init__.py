@@ -9,12 +9,21 @@ from .errors import (
     SampleMixingError,
     UnsupportedUseError,
 )
+from .monitor import NoiseMonitor, StepRecord
+from .monitor.sinks import CsvSink, JsonlSink, MetricsLoggerSink, TensorBoardSink, read_run
 from .stats import NoiseStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Capture",
+    "CsvSink",
+    "JsonlSink",
+    "MetricsLoggerSink",
+    "NoiseMonitor",
+    "StepRecord",
+    "TensorBoardSink",
+    "read_run",
     "CaptureStateError",
     "FallbackError",
     "GradNoiseError",

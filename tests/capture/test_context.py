@@ -92,3 +92,30 @@ def test_no_grad_forward_inside_capture_is_ignored():
             model(x)
         model(x).pow(2).mean().backward()
     assert cap.stats().batch_size == 5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradient_accumulation_over_unequal_micro_batches(reduction):
+    """Passes of 3 and 5 samples, each mean loss scaled by its share: the capture's
+    per-sample norms and statistics are those of the whole batch of 8."""
+    from reference import noise_stats, per_sample_grads
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4).double(), torch.randint(0, 3, (8,))
+    model.zero_grad()
+    with gradnoise.capture(model, reduction=reduction) as cap:
+        for lo, hi in ((0, 3), (3, 8)):
+            if reduction == "mean":
+                loss = F.cross_entropy(model(x[lo:hi]), y[lo:hi]) * (hi - lo) / 8
+            else:
+                loss = F.cross_entropy(model(x[lo:hi]), y[lo:hi], reduction="sum")
+            loss.backward()
+    ref = per_sample_grads(model, F.cross_entropy, x, y)
+    for name, g in ref.items():
+        torch.testing.assert_close(cap.per_sample_sq_norms[name], g.flatten(1).square().sum(1), rtol=1e-6, atol=1e-12)
+    want = noise_stats(ref)
+    s = cap.stats()
+    assert s.batch_size == 8 and s.n_groups == 8
+    assert s.trace_cov == pytest.approx(want.total.trace_cov, rel=1e-6)
+    assert s.grad_sq_norm == pytest.approx(want.total.grad_sq_norm, rel=1e-6)

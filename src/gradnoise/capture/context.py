@@ -80,9 +80,9 @@ class Capture:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self._params: Dict[str, nn.Parameter] = dict(named)
         self._by_id = {id(p): p for _, p in named}
-        self.store = SampleStore({id(p): n for n, p in named}, self.reduction == "mean")
+        self.store = SampleStore({id(p): n for n, p in named}, self.reduction == "mean", self._note_grad)
         self.active: Counter = Counter()
-        self._before = {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
+        self._before: Dict[str, torch.Tensor] = {}
         try:
             self._hooks = _modules.attach(self, self.model, self.rules)
             self._router = Router(self, FUNCTION_RULES)
@@ -107,6 +107,13 @@ class Capture:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    def _note_grad(self, param: torch.Tensor) -> None:
+        """Keep ``p.grad`` as it was before this capture's first contribution to it, so
+        the batch gradient is what the capture's passes add (gradients left from an
+        earlier step, or accumulated on purpose, are not mistaken for this batch's)."""
+        if param.grad is not None:
+            self._before[self.store.names[id(param)]] = param.grad.detach().clone()
 
     # ---- used by rules --------------------------------------------------------------
     def ref(self, t: Optional[torch.Tensor]) -> Optional[ParamRef]:
@@ -202,6 +209,12 @@ class Capture:
         """Parameter name -> ``[B]`` per-sample squared gradient norms ``||g_i||²``."""
         self._need_closed()
         return dict(self._norms)
+
+    @property
+    def mean_sq_norms(self) -> Dict[str, float]:
+        """Parameter name -> ``||ḡ||²`` of the batch-mean gradient (the moment ``C``)."""
+        self._need_closed()
+        return dict(self._mean_sq)
 
     @property
     def batch_size(self) -> Optional[int]:

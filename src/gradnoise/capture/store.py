@@ -23,24 +23,62 @@ from ..errors import CaptureStateError
 class SampleStore:
     """Per-sample squared norms and gradients of the parameters of one capture.
 
+    A capture may see several forward/backward *passes* (gradient accumulation over
+    micro-batches); each pass's samples are appended. Under ``reduction="mean"`` each
+    micro-batch loss is taken to be scaled by its share ``b_j/B`` of the step, so that
+    the accumulated gradient is the mean over all ``B`` samples (the usual convention),
+    and every raw result is scaled by the total ``B``.
+
     Args:
         names: ``id(parameter) -> name`` of the parameters being measured.
         mean_reduction: True when the loss is a mean over samples (``reduction="mean"``).
+        on_first_touch: called with a parameter the first time a result for it arrives,
+            before autograd accumulates its gradient (the capture notes ``p.grad`` then).
     """
 
-    def __init__(self, names: Dict[int, str], mean_reduction: bool):
+    def __init__(self, names: Dict[int, str], mean_reduction: bool, on_first_touch: Optional[Callable] = None):
         self.names = names
         self.mean_reduction = mean_reduction
+        self.on_first_touch = on_first_touch
+        self._touched: set = set()
+        self._passes: List[Tuple[int, Dict[str, torch.Tensor]]] = []
+        self._index_cache: Dict[tuple, torch.Tensor] = {}
+        self._new_pass()
+
+    def _new_pass(self) -> None:
         self.uses: Counter = Counter()
         self._filled: Counter = Counter()
-        self.batch_size: Optional[int] = None
+        self._pass_n: Optional[int] = None
+        self._in_backward = False
         self._sq_norms: Dict[str, torch.Tensor] = {}
         self._grads: Dict[str, torch.Tensor] = {}
-        self._index_cache: Dict[tuple, torch.Tensor] = {}
+
+    def _close_pass(self) -> None:
+        if self._pass_n is not None:
+            norms = dict(self._sq_norms)
+            for name, g in self._grads.items():
+                val = torch.linalg.vector_norm(g, dim=1).square()
+                norms[name] = val if name not in norms else norms[name] + val
+            self._passes.append((self._pass_n, norms))
+        self._new_pass()
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        """Samples seen so far, over all passes (None before the first result)."""
+        sizes = self.pass_sizes
+        return sum(sizes) if sizes else None
+
+    @property
+    def pass_sizes(self) -> List[int]:
+        """Samples of each pass (micro-batch), in order."""
+        return [n for n, _ in self._passes] + ([self._pass_n] if self._pass_n is not None else [])
 
     # ---- forward side -------------------------------------------------------------
     def add_use(self, param: torch.Tensor) -> None:
-        """Count one use of ``param`` in the forward pass."""
+        """Count one use of ``param`` in the forward pass (a forward after a backward
+        starts a new pass)."""
+        if self._in_backward:
+            self._close_pass()
         self.uses[id(param)] += 1
 
     def wants_grads(self, param: torch.Tensor, view: Optional[torch.Tensor]) -> bool:
@@ -51,14 +89,19 @@ class SampleStore:
     def _check_batch(self, param: torch.Tensor, n: int, c: int) -> None:
         """``c`` more samples of a batch of ``n`` for ``param``: every use hands over each
         sample exactly once, so more than ``uses × n`` means a second backward."""
-        if self.batch_size is None:
-            self.batch_size = n
-        elif n != self.batch_size:
-            raise CaptureStateError(
-                f"one capture saw batches of {self.batch_size} and {n} samples; "
-                "open one capture per forward/backward pass of one batch"
-            )
+        self._in_backward = True
         key = id(param)
+        if key not in self._touched:
+            self._touched.add(key)
+            if self.on_first_touch is not None:
+                self.on_first_touch(param)
+        if self._pass_n is None:
+            self._pass_n = n
+        elif n != self._pass_n:
+            raise CaptureStateError(
+                f"one forward/backward pass saw batches of {self._pass_n} and {n} samples; "
+                "run one backward per forward (micro-batch)"
+            )
         self._filled[key] += c
         if self._filled[key] > n * max(1, self.uses[key]):
             raise CaptureStateError(
@@ -129,18 +172,27 @@ class SampleStore:
     # ---- results ------------------------------------------------------------------
     def sq_norms(self) -> Tuple[List[str], Optional[torch.Tensor]]:
         """Parameter names and their per-sample squared norms of ``g_i = ∇l_i`` as the
-        rows of one ``[P, N]`` tensor (None when nothing was handed over)."""
-        out = dict(self._sq_norms)
-        for name, g in self._grads.items():
-            val = torch.linalg.vector_norm(g, dim=1).square()
-            out[name] = val if name not in out else out[name] + val
-        if not out:
+        rows of one ``[P, B]`` tensor, passes side by side (None when nothing arrived).
+        A parameter a pass did not reach has zero gradient for that pass's samples."""
+        self._close_pass()
+        if not self._passes:
             return [], None
-        dtype = torch.float64 if any(v.dtype == torch.float64 for v in out.values()) else torch.float32
-        rows = torch.stack([v.to(dtype) for v in out.values()])
+        names: Dict[str, None] = {}
+        for _, norms in self._passes:
+            names.update(dict.fromkeys(norms))
+        dtype = torch.float64 if any(v.dtype == torch.float64 for _, p in self._passes for v in p.values()) \
+            else torch.float32
+        if len(self._passes) == 1:
+            rows = torch.stack([self._passes[0][1][k].to(dtype) for k in names])
+        else:
+            device = next(iter(self._passes[0][1].values())).device
+            rows = torch.cat([
+                torch.stack([p[k].to(dtype) if k in p else torch.zeros(n, dtype=dtype, device=device) for k in names])
+                for n, p in self._passes
+            ], dim=1)
         if self.mean_reduction:
             rows.mul_(float(self.batch_size) ** 2)
-        return list(out), rows
+        return list(names), rows
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:

@@ -141,6 +141,18 @@ def from_moments(
     return NoiseStats(B, k, trace_cov, grad_sq_norm, trace_cov / grad_sq_norm, C, A, None, population, combo_factor)
 
 
+def from_estimates(trace_cov: float, grad_sq_norm: float, batch_size: int, n_groups: int) -> NoiseStats:
+    """Statistics from already-estimated ``tr(Σ)`` and ``|G|²`` (smoothed values, say):
+    ``b_simple`` is their ratio, flagged when ``|G|² ≤ 0`` or either is not finite."""
+    T, S, nan = float(trace_cov), float(grad_sq_norm), math.nan
+    B, k = int(batch_size), int(n_groups)
+    if not (math.isfinite(T) and math.isfinite(S)):
+        return NoiseStats(B, k, T, S, nan, nan, nan, FLAG_NON_FINITE)
+    if S <= 0:
+        return NoiseStats(B, k, T, S, nan, nan, nan, FLAG_NONPOSITIVE)
+    return NoiseStats(B, k, T, S, T / S, nan, nan)
+
+
 def from_groups(
     group_sq_norms: Sequence[float],
     group_sizes: Sequence[int],

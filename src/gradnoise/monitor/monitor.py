@@ -1,0 +1,171 @@
+"""``gradnoise.NoiseMonitor``: the gradient noise of every optimizer step of a training
+loop, smoothed, with an interval, per parameter, written to sinks.
+
+Usage (two added lines)::
+
+    monitor = gradnoise.NoiseMonitor(model, source="per_sample", sinks=["run.jsonl"])
+    for x, y in loader:
+        loss_fn(model(x), y).backward()        # any number of backward() calls per step
+        rec = monitor.step()                    # before clipping and optimizer.step()
+        optimizer.step(); optimizer.zero_grad()
+
+``step()`` returns a :class:`~gradnoise.monitor.record.StepRecord` on measured steps
+(every ``every``-th) and None on the others, which cost next to nothing: no router, no
+hooks (the DDP communication hook only checks a flag).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+from torch import nn
+
+from ..errors import GradNoiseError
+from . import record as _record
+from .ddp import DdpSource, allreduce_counts
+from .moments import Moments
+from .record import StepRecord
+from .sinks import as_sink
+from .smoother import NoiseSmoother
+from .sources import MicrobatchSource, PerSampleSource, Samples
+
+SOURCES = ("per_sample", "microbatch", "ddp")
+
+
+class NoiseMonitor:
+    """Measure the gradient noise of each optimizer step.
+
+    Args:
+        model: the model being trained, possibly wrapped in DistributedDataParallel.
+        source: ``"per_sample"`` (exact per-sample norms), ``"microbatch"`` (each
+            ``backward()`` call of a step is a group; needs ≥ 2 per step; works with
+            BatchNorm) or ``"ddp"`` (each rank is a group).
+        sinks: where records go: :mod:`gradnoise.monitor.sinks` objects, paths ending in
+            ``.jsonl``/``.csv``, or anything with ``log_metrics(metrics, step)``.
+        every: measure every ``every``-th step (step 0 first).
+        beta: EMA decay of the smoothed statistics.
+        reduction: ``"mean"``: each micro-batch loss is the mean over its samples times
+            its share of the step's samples; ``"sum"``: losses are sums.
+        scaler: a ``torch.amp.GradScaler`` whose scale is in the gradients when
+            ``step()`` is called (call it before ``scaler.unscale_``); its scale is
+            removed and overflow steps are flagged and skipped.
+        rules: extra capture rules (per-sample source), see :func:`gradnoise.capture`.
+        process_group: the DDP process group (default: the world).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        source: str = "per_sample",
+        sinks: Iterable = (),
+        every: int = 1,
+        beta: float = 0.95,
+        reduction: str = "mean",
+        scaler=None,
+        rules=None,
+        process_group=None,
+    ):
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if int(every) < 1:
+            raise ValueError(f"every must be ≥ 1, got {every}")
+        self.model, self.every, self.scaler = model, int(every), scaler
+        self.source = source
+        self._source = self._make_source(model, source, reduction, rules, process_group)
+        self._smoother = NoiseSmoother(beta)
+        self._sinks = [as_sink(s) for s in sinks]
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        head = _record.header(source, self.every, beta, names)
+        for s in self._sinks:
+            if hasattr(s, "open"):
+                s.open(head)
+        self._step = 0
+        self.last: Optional[StepRecord] = None
+        self._source.begin()
+
+    @staticmethod
+    def _make_source(model, source, reduction, rules, group):
+        if source == "microbatch":
+            return MicrobatchSource(model, reduction)
+        if source == "ddp":
+            return DdpSource(model, reduction, group)
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        return PerSampleSource(model, reduction, rules, allreduce_counts(group) if ddp else None)
+
+    @property
+    def step_index(self) -> int:
+        """Index of the next optimizer step."""
+        return self._step
+
+    def _measured(self, index: int) -> bool:
+        return index % self.every == 0
+
+    def step(self, samples: Samples = None) -> Optional[StepRecord]:
+        """Close this optimizer step: call after its backward passes, before gradient
+        clipping and ``optimizer.step()``.
+
+        Args:
+            samples: sample counts when the model's first tensor input does not carry
+                them on dim 0: an int (the step's local total) or one int per micro-batch.
+
+        Returns:
+            The step's record, or None on a step that is not measured.
+        """
+        index = self._step
+        self._step += 1
+        rec = None
+        if self._measured(index):
+            moments = self._source.end(samples)
+            if moments is not None:
+                rec = self._record(index, moments)
+        if self._measured(self._step):
+            self._source.begin()
+        return rec
+
+    def _record(self, index: int, m: Moments) -> StepRecord:
+        scale = float(self.scaler.get_scale()) if self.scaler is not None else None
+        raw = m.stats(scale**2 if scale else 1.0)
+        skipped = not (math.isfinite(raw.trace_cov) and math.isfinite(raw.grad_sq_norm))
+        if not skipped:
+            self._smoother.update(raw)
+        smoothed, interval = self._smoother.smoothed(raw.batch_size, raw.n_groups)
+        rec = StepRecord(index, self.source, raw, smoothed, interval, skipped, raw.flag, scale)
+        for s in self._sinks:
+            s.write(rec)
+        self.last = rec
+        return rec
+
+    # ---- checkpoints -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The step counter and the EMAs, for a checkpoint."""
+        return {"version": 1, "source": self.source, "every": self.every, "step": self._step,
+                "smoother": self._smoother.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a run: its step counter and averages (call before the next step)."""
+        if state.get("version") != 1:
+            raise GradNoiseError(f"unknown NoiseMonitor state version {state.get('version')!r}")
+        if state["source"] != self.source:
+            raise GradNoiseError(f"state of a '{state['source']}' monitor loaded into a '{self.source}' one")
+        self._source.discard()
+        self._step = int(state["step"])
+        self.every = int(state["every"])
+        self._smoother.load_state_dict(state["smoother"])
+        if self._measured(self._step):
+            self._source.begin()
+
+    # ---- lifetime ------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove every hook and close the sinks."""
+        self._source.close()
+        for s in self._sinks:
+            if hasattr(s, "close"):
+                s.close()
+
+    def __enter__(self) -> "NoiseMonitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,216 @@
+"""Where the monitor's per-step moments come from.
+
+* :class:`PerSampleSource` — exact per-sample norms from :func:`gradnoise.capture`
+  (``k = B`` groups of one sample). Under DistributedDataParallel the ranks' sums and
+  sample counts are all-reduced (a few scalars).
+* :class:`MicrobatchSource` — the gradient of each ``backward()`` call of the step,
+  read by parameter hooks as its squared norm (no copies): groups are micro-batches. It
+  works on any model, BatchNorm in training mode included.
+* :class:`~gradnoise.monitor.ddp.DdpSource` — groups are data-parallel ranks.
+
+Each source has ``begin()`` (a measured step starts), ``end(samples) -> Moments`` and
+``close()``. Conventions: within a step, each micro-batch loss is scaled by its share
+``b_j/B`` of the step's samples (``reduction="mean"``) or is a plain sum (``"sum"``);
+forward and backward alternate per micro-batch. Sample counts come from the leading
+dimension of the model's first tensor input unless ``end`` is told.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..capture import Capture
+from ..errors import CaptureStateError, GradNoiseError
+from .moments import Moments
+
+Samples = Union[None, int, Sequence[int]]
+
+
+def sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """``||t||²`` as a 0-d tensor, in float32 at least."""
+    low = t.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(t, dtype=torch.float32 if low else None).square()
+
+
+def trainable(model: nn.Module) -> Dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class SampleCounter:
+    """Counts samples per forward pass of ``model`` from its first tensor input's dim 0."""
+
+    def __init__(self, model: nn.Module):
+        self.sizes: List[int] = []
+        self.live = False
+        self._handle = model.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _pre(self, module, args, kwargs):
+        if not self.live or not torch.is_grad_enabled():
+            return
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.dim() > 0:
+                self.sizes.append(int(a.shape[0]))
+                return
+
+    def take(self) -> List[int]:
+        sizes, self.sizes = self.sizes, []
+        return sizes
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _resolve(counted: List[int], samples: Samples, what: str) -> List[int]:
+    if samples is None:
+        if not counted:
+            raise GradNoiseError(
+                f"no samples were counted for this step ({what}): the model saw no batched "
+                "tensor input; pass the counts to monitor.step(samples=...)"
+            )
+        return counted
+    return [int(samples)] if isinstance(samples, int) else [int(s) for s in samples]
+
+
+class PerSampleSource:
+    """Per-sample norms from the capture engine, opened at the step's first forward."""
+
+    name = "per_sample"
+
+    def __init__(self, model: nn.Module, reduction: str, rules=None, allreduce: Optional[Callable] = None):
+        self.model, self.reduction, self.rules, self.allreduce = model, reduction, rules, allreduce
+        self._cap: Optional[Capture] = None
+        self._pending = False
+        self._handle = model.register_forward_pre_hook(self._open)
+
+    def _open(self, module, args):
+        if self._pending and torch.is_grad_enabled():
+            self._pending = False
+            self._cap = Capture(self.model, self.reduction, self.rules).__enter__()
+
+    def begin(self) -> None:
+        self._pending = True
+
+    def end(self, samples: Samples) -> Optional[Moments]:
+        self._pending = False
+        cap, self._cap = self._cap, None
+        if cap is None:
+            return None
+        cap.__exit__(None, None, None)
+        norms = cap.per_sample_sq_norms
+        if not norms:
+            return None
+        names = list(norms)
+        n = cap.batch_size
+        sums = torch.stack([norms[k].double().sum() for k in names])
+        mean_sq = [cap.mean_sq_norms[k] for k in names]
+        if self.allreduce is None:
+            return Moments(names, (sums / n).tolist(), mean_sq, n, n)
+        total, count, inv = self.allreduce(sums, n)
+        return Moments(names, (total / count).tolist(), mean_sq, int(count), int(count), inv)
+
+    def discard(self) -> None:
+        self._pending = False
+        if self._cap is not None:
+            self._cap.__exit__(None, None, None)
+            self._cap = None
+
+    def close(self) -> None:
+        self.discard()
+        self._handle.remove()
+
+
+class MicrobatchSource:
+    """Group-mean gradients of each backward pass, through parameter hooks."""
+
+    name = "microbatch"
+
+    def __init__(self, model: nn.Module, reduction: str):
+        self.reduction = reduction
+        self.params = trainable(model)
+        self.counter = SampleCounter(model)
+        self._handles: list = []
+        self._passes: List[Dict[str, torch.Tensor]] = []
+        self._before: Dict[str, Optional[torch.Tensor]] = {}
+        self._warned = False
+
+    def begin(self) -> None:
+        self._passes, self._before = [], {}
+        self.counter.take()
+        self.counter.live = True
+        self._handles = [p.register_hook(self._hook(n, p)) for n, p in self.params.items()]
+
+    def _hook(self, name: str, p: nn.Parameter):
+        def hook(grad: torch.Tensor) -> None:
+            if name not in self._before:  # the step's first pass: note what p.grad held
+                self._before[name] = None if p.grad is None else p.grad.detach().clone()
+            passes = self._passes
+            n_pass = len(self.counter.sizes)
+            while len(passes) < n_pass:
+                passes.append({})
+            if not passes:
+                passes.append({})
+            current = passes[-1]
+            sq = sq_norm(grad.detach())
+            current[name] = current[name] + sq if name in current else sq
+
+        return hook
+
+    def end(self, samples: Samples) -> Optional[Moments]:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.counter.live = False
+        sizes = _resolve(self.counter.take(), samples, "microbatch source")
+        passes = self._passes
+        if not passes:
+            return None
+        if len(sizes) != len(passes):
+            raise CaptureStateError(
+                f"{len(sizes)} micro-batch sizes for {len(passes)} backward passes in this step"
+            )
+        if len(passes) < 2 and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "gradnoise: the microbatch source needs at least two backward() calls per "
+                "optimizer step (gradient accumulation); this step had one",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        B = sum(sizes)
+        names = [n for n, p in self.params.items() if p.grad is not None]
+        if not names:
+            return None
+        grads = [self._delta(n) for n in names]
+        mean_sq = torch.stack(torch._foreach_norm(grads)).double().square()
+        if self.reduction == "sum":
+            mean_sq = mean_sq / B**2
+        # [k, P] squared norms of each pass's gradient; a pass that missed a parameter
+        # gave it zero gradient
+        zero = mean_sq.new_zeros(())
+        per_pass = torch.stack([torch.stack([p.get(n, zero).double() for n in names]) for p in passes])
+        b = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
+        # pass gradient = (b/B)·group mean ("mean") or b·group mean ("sum")
+        group_sq = per_pass * (B / b) ** 2 if self.reduction == "mean" else per_pass / b**2
+        a = (b / B * group_sq).sum(0)
+        return Moments(names, a.tolist(), mean_sq.tolist(), B, len(passes))
+
+    def _delta(self, name: str) -> torch.Tensor:
+        g = self.params[name].grad.detach()
+        before = self._before.get(name)
+        return g if before is None else g - before
+
+    def discard(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.counter.live = False
+        self.counter.take()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.counter.close()
