@@ -229,3 +229,66 @@ def population_stats(grads: Mapping[str, Tensor]) -> Tuple[float, float]:
     flat = _flat(grads)
     G = flat.mean(0)
     return float((flat - G).pow(2).sum(1).mean()), float(G.pow(2).sum())
+
+
+def _weighted_group_stats(flat: Tensor, group_sizes: Sequence[int], weights: Sequence[float]) -> RefStats:
+    """Statistics of ``flat`` (``[B, D]``) split into consecutive groups whose means are
+    combined with the weights ``w_j`` (``Σ w_j = 1``) instead of ``b_j/B``.
+
+    From the definitions, for i.i.d. samples with mean ``G`` and covariance ``Σ``::
+
+        E||g⁽ʲ⁾||² = |G|² + tr(Σ)/b_j
+        A = Σ_j (b_j/B)||g⁽ʲ⁾||²      E[A] = |G|² + tr(Σ)·k/B
+        U = ||Σ_j w_j g⁽ʲ⁾||²         E[U] = |G|² + tr(Σ)·f,   f = Σ_j w_j²/b_j
+
+    and the two linear equations are solved for ``(|G|², tr(Σ))`` by Cramer's rule.
+    ``mean_sq_norm`` holds ``U``.
+    """
+    sizes = [int(b) for b in group_sizes]
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    B, k = flat.shape[0], len(sizes)
+    if sum(sizes) != B or any(b <= 0 for b in sizes):
+        raise ValueError(f"group sizes {sizes} do not split a batch of {B}")
+    if w.numel() != k:
+        raise ValueError(f"{w.numel()} weights for {k} groups")
+    if abs(float(w.sum()) - 1.0) > 1e-12:
+        raise ValueError(f"weights must sum to 1, got {float(w.sum())}")
+    b = torch.tensor(sizes, dtype=torch.float64)
+    means = torch.stack([g.mean(0) for g in torch.split(flat.double(), sizes, dim=0)])  # [k, D]
+    A = float((b / B * means.pow(2).sum(1)).sum())
+    U = float((w[:, None] * means).sum(0).pow(2).sum())
+    nan = math.nan
+    if k < 2:
+        return RefStats(B, k, nan, nan, nan, U, A, FLAG_SINGLE_GROUP)
+    # [[1, k/B], [1, f]] @ [|G|², tr] = [A, U]
+    f = float((w.pow(2) / b).sum())
+    det = f - k / B
+    if det == 0:
+        raise ValueError("these weights make |G|² and tr(Σ) unidentifiable (Σ w_j²/b_j = k/B)")
+    trace_cov = (U - A) / det
+    grad_sq_norm = (A * f - U * k / B) / det
+    if grad_sq_norm <= 0:
+        return RefStats(B, k, trace_cov, grad_sq_norm, nan, U, A, FLAG_NONPOSITIVE)
+    return RefStats(B, k, trace_cov, grad_sq_norm, trace_cov / grad_sq_norm, U, A, None)
+
+
+def weighted_group_noise_stats(
+    grads: Mapping[str, Tensor], group_sizes: Sequence[int], weights: Sequence[float]
+) -> RefNoise:
+    """Oracle statistics of consecutive groups whose means are combined with ``weights``.
+
+    The case of DistributedDataParallel, which averages its ranks' gradients with equal
+    weights ``w_j = 1/R`` whatever their sample counts. With ``w_j = b_j/B`` it equals
+    :func:`group_noise_stats`.
+
+    Args:
+        grads: ``{name: Tensor[B, *shape]}`` per-sample gradients.
+        group_sizes: ``b_j`` with ``Σ_j b_j = B``, the groups taken in batch order.
+        weights: ``w_j``, one per group, ``Σ_j w_j = 1``.
+    """
+    if not grads:
+        raise ValueError("no parameter has a gradient")
+    by_param = {
+        n: _weighted_group_stats(g.flatten(1).double(), group_sizes, weights) for n, g in grads.items()
+    }
+    return RefNoise(_weighted_group_stats(_flat(grads), group_sizes, weights), by_param)
