@@ -16,6 +16,7 @@ hooks (the DDP communication hook only checks a flag).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Optional
 
 from torch import nn
@@ -82,16 +83,23 @@ class NoiseMonitor:
             if hasattr(s, "open"):
                 s.open(head)
         self._step = 0
+        self._warned_empty = False
         self.last: Optional[StepRecord] = None
         self._source.begin()
 
     @staticmethod
     def _make_source(model, source, reduction, rules, group):
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         if source == "microbatch":
+            if ddp:
+                raise GradNoiseError(
+                    "source='microbatch' sees one rank's micro-batches while p.grad is "
+                    "averaged over ranks, so its numbers would be biased: under "
+                    "DistributedDataParallel use source='ddp' or source='per_sample'"
+                )
             return MicrobatchSource(model, reduction)
         if source == "ddp":
             return DdpSource(model, reduction, group)
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         return PerSampleSource(model, reduction, rules, allreduce_counts(group) if ddp else None)
 
     @property
@@ -120,6 +128,15 @@ class NoiseMonitor:
             moments = self._source.end(samples)
             if moments is not None:
                 rec = self._record(index, moments)
+            elif not self._warned_empty:
+                self._warned_empty = True
+                warnings.warn(
+                    f"gradnoise: step {index} was to be measured but no gradient reached the "
+                    f"{type(self.model).__name__} the monitor watches (was its forward called, "
+                    "and loss.backward() before monitor.step()?)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if self._measured(self._step):
             self._source.begin()
         return rec

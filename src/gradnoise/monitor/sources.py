@@ -169,7 +169,10 @@ class MicrobatchSource:
             return None
         if len(sizes) != len(passes):
             raise CaptureStateError(
-                f"{len(sizes)} micro-batch sizes for {len(passes)} backward passes in this step"
+                f"{len(sizes)} micro-batch sizes for {len(passes)} backward passes in this step: "
+                "the monitor counts a micro-batch at each forward call of the model it "
+                "watches, so watch the module whose forward runs (or pass samples= to match "
+                "the backward calls)"
             )
         if len(passes) < 2 and not self._warned:
             self._warned = True
