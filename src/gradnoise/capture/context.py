@@ -83,6 +83,8 @@ class Capture:
         self.store = SampleStore({id(p): n for n, p in named}, self.reduction == "mean", self._note_grad)
         self.active: Counter = Counter()
         self._before: Dict[str, torch.Tensor] = {}
+        # which .grad each parameter holds now, and its version: untouched ones keep both
+        self._grad_at_enter = {n: (p.grad, p.grad._version) for n, p in named if p.grad is not None}
         try:
             self._hooks = _modules.attach(self, self.model, self.rules)
             self._router = Router(self, FUNCTION_RULES)
@@ -167,7 +169,7 @@ class Capture:
         index = {name: i for i, name in enumerate(names)}
         kept, deltas = [], []
         for name, p in self._params.items():
-            if p.grad is None:
+            if p.grad is None or self._untouched(name, p):
                 continue
             if name not in index:
                 raise UnsupportedUseError(
@@ -196,6 +198,14 @@ class Capture:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def _untouched(self, name: str, p: torch.Tensor) -> bool:
+        """True when no gradient reached ``p`` in this capture (its ``.grad`` is the
+        same tensor, unmodified, as when the capture opened)."""
+        if name in self._before:
+            return False
+        held = self._grad_at_enter.get(name)
+        return held is not None and held[0] is p.grad and held[1] == p.grad._version
 
     def _need_closed(self) -> None:
         if self._state != "closed":

@@ -74,7 +74,6 @@ class NoiseMonitor:
             raise ValueError(f"every must be ≥ 1, got {every}")
         self.model, self.every, self.scaler = model, int(every), scaler
         self.source = source
-        self._source = self._make_source(model, source, reduction, rules, process_group)
         self._smoother = NoiseSmoother(beta)
         self._sinks = [as_sink(s) for s in sinks]
         names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -82,6 +81,8 @@ class NoiseMonitor:
         for s in self._sinks:
             if hasattr(s, "open"):
                 s.open(head)
+        # hooks last, so that a sink that fails to open leaves nothing on the model
+        self._source = self._make_source(model, source, reduction, rules, process_group)
         self._step = 0
         self._warned_empty = False
         self.last: Optional[StepRecord] = None

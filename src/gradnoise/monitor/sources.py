@@ -17,6 +17,7 @@ dimension of the model's first tensor input unless ``end`` is told.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -39,13 +40,29 @@ def trainable(model: nn.Module) -> Dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def forward_pre_hook(model: nn.Module, owner, method: str, with_kwargs: bool = False):
+    """Register ``owner.<method>`` as a forward pre-hook of ``model`` through a weak
+    reference, acting only for ``model`` itself: a ``copy.deepcopy`` of the model copies
+    its hooks, and the copy's forward must not drive this monitor."""
+    ref = weakref.ref(owner)
+
+    def hook(module, *args):
+        target = ref()
+        if target is not None and module is target.model:
+            return getattr(target, method)(module, *args)
+        return None
+
+    return model.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+
+
 class SampleCounter:
     """Counts samples per forward pass of ``model`` from its first tensor input's dim 0."""
 
     def __init__(self, model: nn.Module):
+        self.model = model
         self.sizes: List[int] = []
         self.live = False
-        self._handle = model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        self._handle = forward_pre_hook(model, self, "_pre", with_kwargs=True)
 
     def _pre(self, module, args, kwargs):
         if not self.live or not torch.is_grad_enabled():
@@ -83,7 +100,7 @@ class PerSampleSource:
         self.model, self.reduction, self.rules, self.allreduce = model, reduction, rules, allreduce
         self._cap: Optional[Capture] = None
         self._pending = False
-        self._handle = model.register_forward_pre_hook(self._open)
+        self._handle = forward_pre_hook(model, self, "_open")
 
     def _open(self, module, args):
         if self._pending and torch.is_grad_enabled():

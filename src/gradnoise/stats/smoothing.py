@@ -24,7 +24,9 @@ Z95 = 1.959963984540054
 
 
 class EmaState(NamedTuple):
-    """Biased EMA accumulators of ``T``, ``S`` and their products after ``count`` steps."""
+    """Biased EMA accumulators of ``T − kt``, ``S − ks`` and their products after
+    ``count`` steps. The shift ``(kt, ks)`` is the first step's values, so the
+    (co)variances do not cancel catastrophically when the steps barely vary."""
 
     count: int = 0
     t: float = 0.0
@@ -32,6 +34,8 @@ class EmaState(NamedTuple):
     tt: float = 0.0
     ss: float = 0.0
     ts: float = 0.0
+    kt: float = 0.0
+    ks: float = 0.0
 
 
 def init() -> EmaState:
@@ -44,13 +48,17 @@ def update(state: EmaState, t: float, s: float, beta: float) -> EmaState:
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
     a = 1.0 - beta
+    kt, ks = (t, s) if state.count == 0 else (state.kt, state.ks)
+    dt, ds = t - kt, s - ks
     return EmaState(
         state.count + 1,
-        beta * state.t + a * t,
-        beta * state.s + a * s,
-        beta * state.tt + a * t * t,
-        beta * state.ss + a * s * s,
-        beta * state.ts + a * t * s,
+        beta * state.t + a * dt,
+        beta * state.s + a * ds,
+        beta * state.tt + a * dt * dt,
+        beta * state.ss + a * ds * ds,
+        beta * state.ts + a * dt * ds,
+        kt,
+        ks,
     )
 
 
@@ -63,7 +71,7 @@ def means(state: EmaState, beta: float) -> Tuple[float, float]:
     if state.count == 0:
         return math.nan, math.nan
     d = _debias(state, beta)
-    return state.t / d, state.s / d
+    return state.kt + state.t / d, state.ks + state.s / d
 
 
 def sum_sq_weights(count: int, beta: float) -> float:
@@ -80,7 +88,7 @@ def covariance(state: EmaState, beta: float) -> Tuple[float, float, float]:
     if state.count < 2:
         return math.nan, math.nan, math.nan
     d = _debias(state, beta)
-    mt, ms = state.t / d, state.s / d
+    mt, ms = state.t / d, state.s / d  # shifted means: the shift leaves (co)variances alone
     w2 = sum_sq_weights(state.count, beta)
     # unbiased weighted (co)variance of one step, then of the weighted mean
     var_t = max(state.tt / d - mt * mt, 0.0) / (1.0 - w2)
