@@ -221,6 +221,12 @@ class Capture:
         return dict(self._norms)
 
     @property
+    def sq_norm_sums(self) -> Dict[str, float]:
+        """Parameter name -> ``Σ_i ||g_i||²`` over the batch (``B·A``)."""
+        self._need_closed()
+        return dict(self._sums)
+
+    @property
     def mean_sq_norms(self) -> Dict[str, float]:
         """Parameter name -> ``||ḡ||²`` of the batch-mean gradient (the moment ``C``)."""
         self._need_closed()

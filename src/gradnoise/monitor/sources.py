@@ -121,11 +121,11 @@ class PerSampleSource:
             return None
         names = list(norms)
         n = cap.batch_size
-        sums = torch.stack([norms[k].double().sum() for k in names])
-        mean_sq = [cap.mean_sq_norms[k] for k in names]
+        sums, c = cap.sq_norm_sums, cap.mean_sq_norms
+        mean_sq = [c[k] for k in names]
         if self.allreduce is None:
-            return Moments(names, (sums / n).tolist(), mean_sq, n, n)
-        total, count, inv = self.allreduce(sums, n)
+            return Moments(names, [sums[k] / n for k in names], mean_sq, n, n)
+        total, count, inv = self.allreduce(torch.tensor([sums[k] for k in names], dtype=torch.float64), n)
         return Moments(names, (total / count).tolist(), mean_sq, int(count), int(count), inv)
 
     def discard(self) -> None:
@@ -209,8 +209,9 @@ class MicrobatchSource:
             mean_sq = mean_sq / B**2
         # [k, P] squared norms of each pass's gradient; a pass that missed a parameter
         # gave it zero gradient
-        zero = mean_sq.new_zeros(())
-        per_pass = torch.stack([torch.stack([p.get(n, zero).double() for n in names]) for p in passes])
+        dtype = next((v.dtype for p in passes for v in p.values()), torch.float32)
+        zero = torch.zeros((), dtype=dtype, device=mean_sq.device)
+        per_pass = torch.stack([torch.stack([p.get(n, zero) for n in names]) for p in passes]).double()
         b = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
         # pass gradient = (b/B)·group mean ("mean") or b·group mean ("sum")
         group_sq = per_pass * (B / b) ** 2 if self.reduction == "mean" else per_pass / b**2
