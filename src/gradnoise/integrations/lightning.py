@@ -53,7 +53,7 @@ from torch import nn
 
 from ..errors import GradNoiseError
 from ..monitor import NoiseMonitor, StepRecord
-from ..monitor.monitor import SOURCES
+from ..monitor.monitor import check_options
 
 __all__ = ["NoiseMonitorCallback"]
 
@@ -121,12 +121,7 @@ class NoiseMonitorHooks:
         module: Optional[str] = None,
         batch_size: Optional[Callable[[Any], int]] = None,
     ):
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if int(every) < 1:
-            raise ValueError(f"every must be ≥ 1, got {every}")
+        check_options(source, reduction, every)
         self.source, self.every, self.beta, self.reduction = source, int(every), beta, reduction
         self.sinks = list(sinks)
         self.per_param, self.log, self.module, self.batch_size = per_param, log, module, batch_size

@@ -33,6 +33,16 @@ from .sources import MicrobatchSource, PerSampleSource, Samples
 SOURCES = ("per_sample", "microbatch", "ddp")
 
 
+def check_options(source: str, reduction: str, every: int) -> None:
+    """Refuse an unknown source or reduction, or ``every < 1``, with a clear message."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if int(every) < 1:
+        raise ValueError(f"every must be ≥ 1, got {every}")
+
+
 class NoiseMonitor:
     """Measure the gradient noise of each optimizer step.
 
@@ -66,12 +76,7 @@ class NoiseMonitor:
         rules=None,
         process_group=None,
     ):
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if int(every) < 1:
-            raise ValueError(f"every must be ≥ 1, got {every}")
+        check_options(source, reduction, every)
         self.model, self.every, self.scaler = model, int(every), scaler
         self.source = source
         self._smoother = NoiseSmoother(beta)
