@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -53,22 +52,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-try:
-    _installed = importlib.util.find_spec("gradnoise") is not None
-except (ImportError, ValueError):
-    _installed = True
-if not _installed:  # run from a checkout without install or PYTHONPATH
-    sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_common_args, load_average, log, setup_path, split_checked, write_json  # noqa: E402
+
+setup_path()
 
 import models  # noqa: E402  (benchmarks/models.py)
 
 LR = 1e-4  # small, so that the weights stay close to their start over the run
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---- loops --------------------------------------------------------------------------------
@@ -292,24 +283,13 @@ CASES = ("microbatch", "every1", "every10")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=30, help="timed rounds per model (default 30)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
-    p.add_argument("--models", default="M1,M2,M3", help="comma-separated, from M1,M2,M3")
+    add_common_args(p)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {','.join(CASES)}")
     p.add_argument("--ddp", action="store_true", help="also time source='ddp' with 2 gloo processes")
     p.add_argument("--ddp-threads", type=int, default=1, help="torch threads per DDP process (default 1)")
-    p.add_argument("--json", metavar="PATH", help="also write all results, raw times included")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    for m in args.models:
-        if m not in models.PROBLEMS:
-            p.error(f"unknown model {m!r}; choose from {','.join(models.PROBLEMS)}")
-    for c in args.cases:
-        if c not in CASES:
-            p.error(f"unknown case {c!r}; choose from {','.join(CASES)}")
+    args.models = split_checked(p, args.models, models.PROBLEMS, "model")
+    args.cases = split_checked(p, args.cases, CASES, "case")
     if args.repeats < 2 or args.warmup < 0:
         p.error("--repeats must be >= 2 and --warmup >= 0")
     return args
@@ -319,10 +299,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
-    load_before = os.getloadavg()[0]
-    if load_before >= 1.0:
-        log(f"note: load average is {load_before:.1f}; if other processes compete for "
-            "the cores, timings will be slow and noisy")
+    load_before = load_average()
     start = time.perf_counter()
     rows: List[dict] = []
     for name in args.models:
@@ -339,19 +316,14 @@ def main(argv=None) -> int:
           f"{elapsed:.0f} s in all; load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after")
     if args.json:
-        out = {
-            "config": {
-                "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
-                "ddp_threads": args.ddp_threads, "ddp": args.ddp, "seed": args.seed,
-                "models": args.models, "cases": args.cases, "lr": LR,
-                "torch": torch.__version__, "python": platform.python_version(),
-                "machine": platform.machine(), "cpus": os.cpu_count(), "elapsed_s": elapsed,
-                "load_before": load_before, "load_after": os.getloadavg()[0],
-            },
-            "results": rows,
-        }
-        Path(args.json).write_text(json.dumps(out, indent=1))
-        log(f"wrote {args.json}")
+        write_json(args.json, {
+            "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
+            "ddp_threads": args.ddp_threads, "ddp": args.ddp, "seed": args.seed,
+            "models": args.models, "cases": args.cases, "lr": LR,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpus": os.cpu_count(), "elapsed_s": elapsed,
+            "load_before": load_before, "load_after": os.getloadavg()[0],
+        }, rows)
     return 0
 
 

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -45,14 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-try:
-    _installed = importlib.util.find_spec("gradnoise") is not None
-except (ImportError, ValueError):
-    _installed = True
-if not _installed:  # run from a checkout without install or PYTHONPATH
-    sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_common_args, load_average, log, setup_path, split_checked, write_json  # noqa: E402
+
+setup_path()
 
 import memory  # noqa: E402  (benchmarks/memory.py)
 import models  # noqa: E402  (benchmarks/models.py)
@@ -62,10 +56,6 @@ Norms = Dict[str, torch.Tensor]  # parameter name -> [B] per-sample squared norm
 
 class Unavailable(Exception):
     """A method that cannot run here: not installed, or the model is unsupported."""
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def short(exc: BaseException, limit: int = 120) -> str:
@@ -447,25 +437,14 @@ def markdown(rows: List[dict]) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=30, help="timed rounds per model (default 30)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
-    p.add_argument("--models", default="M1,M2,M3", help="comma-separated, from M1,M2,M3")
+    add_common_args(p)
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated, from {','.join(METHODS)} (plain is always run)")
-    p.add_argument("--json", metavar="PATH", help="also write all results, raw times included")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory", choices=sorted(memory.METHODS), default="profiler",
                    help="peak-memory measurement (default profiler; see benchmarks/memory.py)")
     args = p.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in args.models:
-        if m not in models.PROBLEMS:
-            p.error(f"unknown model {m!r}; choose from {','.join(models.PROBLEMS)}")
-    for m in args.methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {','.join(METHODS)}")
+    args.models = split_checked(p, args.models, models.PROBLEMS, "model")
+    args.methods = split_checked(p, args.methods, METHODS, "method")
     if "plain" not in args.methods:
         args.methods.insert(0, "plain")
     if args.repeats < 1 or args.warmup < 0:
@@ -477,10 +456,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
-    load_before = os.getloadavg()[0]
-    if load_before >= 1.0:
-        log(f"note: load average is {load_before:.1f}; if other processes compete for "
-            "the cores, timings will be slow and noisy")
+    load_before = load_average()
     start = time.perf_counter()
     rows: List[dict] = []
     for name in args.models:
@@ -494,19 +470,14 @@ def main(argv=None) -> int:
           f"{elapsed:.0f} s in all; load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after")
     if args.json:
-        out = {
-            "config": {
-                "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
-                "seed": args.seed, "memory_method": args.memory, "models": args.models,
-                "methods": args.methods, "torch": torch.__version__,
-                "python": platform.python_version(), "machine": platform.machine(),
-                "elapsed_s": elapsed, "load_before": load_before,
-                "load_after": os.getloadavg()[0],
-            },
-            "results": rows,
-        }
-        Path(args.json).write_text(json.dumps(out, indent=1))
-        log(f"wrote {args.json}")
+        write_json(args.json, {
+            "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
+            "seed": args.seed, "memory_method": args.memory, "models": args.models,
+            "methods": args.methods, "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "elapsed_s": elapsed, "load_before": load_before,
+            "load_after": os.getloadavg()[0],
+        }, rows)
     return 0
 
 

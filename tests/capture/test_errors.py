@@ -1,6 +1,5 @@
 """Bad input gets a clear error or a flagged result, never a silent wrong number."""
 import math
-import warnings
 
 import pytest
 import torch

@@ -150,7 +150,7 @@ def _materialised(site: Site, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     total = None
     for lo in range(0, n, step):
         g = torch.bmm(d[lo : lo + step].transpose(1, 2), a[lo : lo + step])
-        site.give(site.weight, lambda: sq_norms(g, (1, 2)), lambda: g, n, lo)
+        site.give(site.weight, lambda g=g: sq_norms(g, (1, 2)), lambda g=g: g, n, lo)
         part = g.sum(0)
         total = part if total is None else total.add_(part)
         del g, part  # free this chunk before the next one is allocated
