@@ -5,12 +5,13 @@ Per-sample gradients, with ``δ = ∂L/∂y`` and the middle dimensions flattene
     g_n^W = Σ_t δ_nt a_ntᵀ          [d_out, d_in]
     g_n^b = Σ_t δ_nt                 [d_out]
 
-* ``T = 1``: ``||g_n^W||² = ||a_n||² ||δ_n||²`` at ``O(N (d_in + d_out))``.
+* 2-D input: ``||g_n^W||² = ||a_n||² ||δ_n||²`` at ``O(N (d_in + d_out))``, from a hook
+  on ``δ``; the layer keeps autograd's own backward.
 * ``T > 1``, Gram route: ``||g_n^W||² = Σ_{t,s} (a_nt·a_ns)(δ_nt·δ_ns)`` at
   ``O(N T² (d_in + d_out))`` on top of the usual weight gradient.
 * ``T > 1``, materialised route: ``G_n = Δ_nᵀ A_n`` by batched matmul, chunked over
   samples to bound memory; the weight gradient is then ``Σ_n G_n``, so it is not
-  computed twice. Chosen when ``T² (d_in + d_out) > d_in d_out``.
+  computed twice. :func:`_materialise_cheaper` picks the route (measured costs).
 
 The backward returns ordinary gradients, so autograd, hooks and DDP see nothing unusual.
 """
@@ -32,7 +33,8 @@ _CHUNK_FLOOR = 1 << 18
 
 
 class LinearFn(torch.autograd.Function):
-    """``F.linear`` whose backward also hands per-sample results to a :class:`Site`."""
+    """``F.linear`` on ``[N, *T, d_in]`` (``T`` non-empty) whose backward also hands
+    per-sample results to a :class:`Site`; 2-D inputs take :func:`_observed_2d`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, site: Site):
@@ -46,10 +48,7 @@ class LinearFn(torch.autograd.Function):
         site: Site = ctx.site
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gy.matmul(weight) if need_x else None
-        if x.dim() == 2:
-            gw, gb = _grads_2d(site, x, gy, need_w, need_b and ctx.has_bias)
-        else:
-            gw, gb = _grads_seq(site, x, gy, need_w, need_b and ctx.has_bias)
+        gw, gb = _grads_seq(site, x, gy, need_w, need_b and ctx.has_bias)
         return gx, gw, gb, None
 
 
@@ -81,27 +80,6 @@ def _observe_2d(site: Site, a: Optional[torch.Tensor], d: torch.Tensor) -> None:
             lambda: d.unsqueeze(2) * a.unsqueeze(1),
             n,
         )
-
-
-def _grads_2d(site: Site, a: torch.Tensor, d: torch.Tensor, need_w: bool, need_b: bool):
-    """``a`` ``[N, d_in]``, ``d`` ``[N, d_out]``: ``||g_n^W||² = ||a_n||² ||δ_n||²``."""
-    n = a.shape[0]
-    d_sq = None
-    gw = gb = None
-    if need_b:
-        if site.bias is not None and not site.wants_grads(site.bias):
-            d_sq = sq_norms(d)
-        site.give(site.bias, lambda: d_sq, lambda: d, n)
-        gb = d.sum(0)
-    if need_w:
-        site.give(
-            site.weight,
-            lambda: sq_norms(a) * (d_sq if d_sq is not None else sq_norms(d)),
-            lambda: d.unsqueeze(2) * a.unsqueeze(1),
-            n,
-        )
-        gw = d.t().mm(a)
-    return gw, gb
 
 
 def _grads_seq(site: Site, x: torch.Tensor, gy: torch.Tensor, need_w: bool, need_b: bool):

@@ -47,12 +47,6 @@ def _observe(site: Site, x, d, recompute, channel, w_shape, b_shape) -> None:
         site.give(site.bias, lambda: sq_norms(per_b.flatten(1)), lambda: per_b, n)
 
 
-def _bcast(p: torch.Tensor, x: torch.Tensor, channel: bool) -> torch.Tensor:
-    if channel:
-        return p.view(1, -1, *([1] * (x.dim() - 2)))
-    return p
-
-
 def _per_sample(t: torch.Tensor, shape: Sequence[int], channel: bool) -> torch.Tensor:
     """Sum ``t`` ``[N, ...]`` over all dims but the sample dim and the parameter's."""
     n = t.shape[0]
