@@ -1,5 +1,10 @@
-"""The ``gradnoise`` command: parse, call a study, print. Errors are one line and a
-non-zero exit (``--debug`` shows the traceback)."""
+"""The ``gradnoise`` command: parse, call a study or the report, print. Errors are one
+line and a non-zero exit (``--debug`` shows the traceback).
+
+    gradnoise study [STUDY ...] [--task SPEC ...] [--seed N] [--out DIR] [--quiet]
+    gradnoise report RUN.jsonl [...] [--out DIR]
+    gradnoise measure [--model mlp|cnn|transformer] [--batch-size B] [--json]
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +13,9 @@ import sys
 from typing import List, Optional
 
 from .studies.models import MODELS
+from .studies.output import STUDIES
+
+DEFAULT_OUT = "gradnoise-report"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,7 +27,49 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=128)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _study_parser(sub)
+    r = sub.add_parser("report", help="an HTML report from the run files a NoiseMonitor wrote")
+    r.add_argument("runs", nargs="+", metavar="RUN.jsonl", help="gradnoise-run files (or study files)")
+    r.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    r.add_argument("--quiet", action="store_true", help="print only the report's path")
     return p
+
+
+def _study_parser(sub) -> None:
+    s = sub.add_parser("study", help="reproduce the theory on real data and write an HTML report",
+                       description="Studies: " + ", ".join(STUDIES) + " (default: all).")
+    s.add_argument("studies", nargs="*", metavar="STUDY", help="which studies (default: all)")
+    s.add_argument("--task", action="append", default=[], metavar="SPEC",
+                   help="digits-mlp, digits-cnn or package.module:function (repeatable; "
+                        "default: both digits tasks)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    s.add_argument("--quiet", action="store_true", help="no progress bars, only the report's path")
+    s.add_argument("--size", choices=("tiny", "default"), default="default",
+                   help="tiny: a smoke run in seconds (numbers too rough to read)")
+    s.add_argument("--run", action="append", default=[], metavar="RUN.jsonl",
+                   help="run file(s) for the recommend study (default: the trajectory study's)")
+    s.add_argument("--lr", type=float, help="SGD learning rate of law and trajectory (default 0.1)")
+    s.add_argument("--lrs", type=_floats, help="comma-separated learning-rate grid of the sweeps")
+    s.add_argument("--batch-sizes", type=_ints, help="comma-separated batch sizes of the sweeps")
+    s.add_argument("--target-loss", type=float, help="full-data loss the critical-batch runs train to (default 0.2)")
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"need positive numbers, got {text!r}")
+    return vals
+
+
+def _ints(text: str) -> List[int]:
+    vals = _floats(text)
+    if any(v != int(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"need whole numbers, got {text!r}")
+    return [int(v) for v in vals]
 
 
 def _fmt(v, spec: str = ".3g") -> str:
@@ -45,9 +95,41 @@ def print_measure(r: dict, out=sys.stdout) -> None:
         print(f"note: {r['total']['reason']}", file=out)
 
 
+def run_study(args, out=sys.stdout) -> int:
+    """``gradnoise study``: run, build the report, print a summary and its path."""
+    from .report import build_report
+    from .studies import runner, summary
+
+    outcomes = runner.run_studies(
+        args.studies, args.task, args.out, seed=args.seed, size=args.size, quiet=args.quiet,
+        overrides=runner.Overrides(lr=args.lr, lrs=args.lrs, batch_sizes=args.batch_sizes,
+                                   target_loss=args.target_loss), run_files=args.run)
+    page = build_report(runner.study_files(args.out), args.out)
+    if not args.quiet:
+        print(f"gradnoise study (seed {args.seed}, size {args.size}):", file=out)
+        for o in outcomes:
+            print(f"  {summary.line(o.study, o.task, o.summary)}  [{o.seconds:.0f} s]", file=out)
+        print(f"data files in {args.out}/", file=out)
+    print(f"report: {page}", file=out)
+    return 0
+
+
+def run_report(args, out=sys.stdout) -> int:
+    """``gradnoise report``: the report of the given run files."""
+    from .report import build_report
+
+    page = build_report(args.runs, args.out)
+    print(f"report: {page}", file=out)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "study":
+            return run_study(args)
+        if args.command == "report":
+            return run_report(args)
         if args.command in (None, "measure"):
             from .studies.measure import measure
 

@@ -34,14 +34,20 @@ with unbounded ends written ``"inf"`` / ``"-inf"``):
     reach it; ``b_simple`` is the monitor's smoothed value at the end of the run.
     ``best``: ``{"batch_size", "seed", "lr", "steps", "examples"}`` — the fewest steps
     over the learning-rate grid. ``summary``: ``{"target_loss", "s_min", "e_min",
-    "b_crit", "b_crit_interval", "b_simple", "b_simple_interval", "points"}`` — the fit
-    ``(S/S_min − 1)(E/E_min − 1) = 1``, ``B_crit = E_min/S_min``.
+    "b_crit", "b_crit_interval", "b_simple", "b_simple_interval", "points", "reason"}``
+    — the fit ``(S/S_min − 1)(E/E_min − 1) = 1``, ``B_crit = E_min/S_min``;
+    ``b_simple`` is the median over the best runs of the monitor's smoothed value at
+    their end and ``b_simple_interval`` the range of those values; ``reason`` (or
+    ``null``) says why the fit is missing or doubtful.
 ``lr-batch``
-    ``cell``: ``{"batch_size", "lr", "final_loss", "diverged"}``. ``stable``:
-    ``{"batch_size", "lr_max"}`` — the largest learning rate of the grid that did not
-    diverge (``null`` if none). ``summary``: ``{"eps_max", "b_noise",
-    "b_noise_interval", "b_simple", "points"}`` — the fit ``ε(B) = ε_max/(1 + B_noise/B)``
-    to ``lr_max``, beside the ``B_simple`` measured at initialisation.
+    ``cell``: ``{"batch_size", "lr", "final_loss", "diverged", "skipped"}`` (``skipped``:
+    not run, since two smaller rates already failed; counted as diverged). ``stable``:
+    ``{"batch_size", "lr_max", "lr_best", "best_loss"}`` — the largest learning rate of
+    the grid that did not diverge and the one with the lowest final loss (``null`` if
+    none). ``summary``: ``{"eps_max", "b_noise", "b_noise_interval", "b_simple",
+    "points", "reason"}`` — the fit ``ε(B) = ε_max/(1 + B_noise/B)`` to ``lr_best``,
+    beside the ``B_simple`` measured at initialisation; ``reason`` (or ``null``) says
+    why the fit is missing or doubtful.
 ``recommend``
     ``summary``: ``{"run_file", "batch_size", "b_crit", "b_crit_interval", "steps",
     "rules": [{"to_batch", "linear", "sqrt", "adascale"}, ...]}`` — the smoothed

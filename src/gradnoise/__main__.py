@@ -1,0 +1,6 @@
+"""``python -m gradnoise`` is the ``gradnoise`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

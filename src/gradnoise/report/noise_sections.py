@@ -1,0 +1,122 @@
+"""Sections built from monitor run files: the trajectory study (its losses from the
+study file, its noise from the run file beside it) and each run file given directly."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..control import recommend
+from . import html as h
+from .figures import Plot
+from .files import Input
+from .fmt import floats, fmt_count, fmt_num, fmt_text, fmt_with_interval
+from .noise_figures import noise_figure
+from .sections import advice, subheading, summary_of, task_of
+from .series import NoiseSeries, first_finite, last_finite, noise_series
+
+Items = Sequence[Tuple[str, Input]]
+
+TRAJECTORY_TEXT = (
+    "One training run, step by step. tr(Σ) = E‖g_i − G‖² is the variance of a single sample's "
+    "gradient around the true gradient G and |G|² the squared norm of G; both are debiased moving "
+    "averages of unbiased per-step estimates, and they are additive over layers. Their ratio, the "
+    "noise scale B_simple = tr(Σ)/|G|², is the batch size at which noise and signal are equal; the "
+    "shaded band is its 95 % interval, unbounded while the signal is not clearly above the noise."
+)
+RUN_TEXT = (
+    "A monitor run file: tr(Σ), |G|² and B_simple = tr(Σ)/|G|² of every measured step, smoothed "
+    "with debiased moving averages and shown with 95 % bands, and the advice computed from its "
+    "last measured steps. A run file holds no losses, so there is no loss panel."
+)
+
+
+def _noise_rows(series: NoiseSeries) -> List[Tuple[str, str]]:
+    """Key numbers of a run file: steps, skipped steps, first and last smoothed values."""
+    b = series.smoothed["b_simple"]
+    first, last = first_finite(b), last_finite(b)
+    low, high = series.b_band
+
+    def at(i: Optional[int]) -> str:
+        if i is None:
+            return fmt_num(None)
+        return f"{fmt_with_interval(b[i], [low[i], high[i]])} at step {fmt_count(series.step[i])}"
+
+    end = len(series.step) - 1
+    return [
+        ("measured steps in the run file", fmt_count(len(series.step))),
+        ("skipped steps (not averaged)", fmt_count(int(series.skipped.sum()))),
+        ("first smoothed B_simple, 95 % interval", at(first)),
+        ("last smoothed B_simple, 95 % interval", at(last)),
+        ("last smoothed tr(Σ)", fmt_num(series.smoothed["trace_cov"][end] if end >= 0 else None)),
+        ("last smoothed |G|²", fmt_num(series.smoothed["grad_sq_norm"][end] if end >= 0 else None)),
+    ]
+
+
+def _loss(inp: Input) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = inp.of_type("step")
+    return (floats([r.get("step") for r in rows]), floats([r.get("loss") for r in rows]),
+            floats([r.get("full_loss") for r in rows]))
+
+
+def _trajectory_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
+    summary = summary_of(inp)
+    parts = [subheading(inp)]
+    if inp.run is not None:
+        series = noise_series(*inp.run)
+    else:
+        series = noise_series({}, [])
+        parts.append(h.note(f"Noise panels are empty: {inp.note}."))
+    plot = noise_figure(series, f"{stem}-trajectory", f"task {task_of(inp)}", loss=_loss(inp))
+    parts.append(h.figure(plot))
+    pairs = [
+        ("run file", fmt_text(inp.run_path.name if inp.run_path is not None else None)),
+        ("final loss", fmt_num(summary.get("final_loss"))),
+        ("first smoothed B_simple (study)", fmt_num(summary.get("b_simple_first"))),
+        ("last smoothed B_simple, 95 % interval (study)",
+         fmt_with_interval(summary.get("b_simple_last"), summary.get("b_simple_interval"))),
+    ]
+    if inp.run is not None:
+        pairs += _noise_rows(series)
+    parts.append(h.key_values(pairs))
+    return "".join(parts), [plot]
+
+
+def trajectory_section(items: Items) -> h.Section:
+    """Loss and noise over one training run (study ``trajectory``)."""
+    body, plots = [h.para(TRAJECTORY_TEXT)], []
+    for stem, inp in items:
+        part, part_plots = _trajectory_part(stem, inp)
+        body.append(part)
+        plots += part_plots
+    return h.Section("trajectory", "Trajectory: noise over training", "".join(body), plots)
+
+
+def _run_header(header: Dict[str, Any]) -> List[Tuple[str, str]]:
+    params = header.get("params") if isinstance(header.get("params"), list) else []
+    return [("source", fmt_text(header.get("source"))), ("measured every", fmt_count(header.get("every"))),
+            ("EMA decay β", fmt_num(header.get("beta"))), ("parameters", fmt_count(len(params))),
+            ("created", fmt_text(header.get("created")))]
+
+
+def run_section(stem: str, inp: Input, anchor: str) -> h.Section:
+    """The noise panels and the advice of one monitor run file."""
+    title = f"Run file {inp.path.name}"
+    body = [h.para(RUN_TEXT)]
+    if not inp.lines:
+        body += [h.key_values(_run_header(inp.header)), h.note("The run file has no steps yet.")]
+        return h.Section(anchor, title, "".join(body))
+    series = noise_series(inp.header, inp.lines)
+    plot = noise_figure(series, f"{stem}-noise", f"run file {inp.path.name}")
+    body += [h.figure(plot), h.key_values(_run_header(inp.header) + _noise_rows(series))]
+    body.append("<h3>Recommendation</h3>\n" + h.para(
+        "Critical batch size from the smoothed B_simple of the last measured step, and the "
+        "learning-rate multiplier of each rule for a new batch size B′ (— where a rule is undefined)."))
+    try:
+        rec = recommend(inp.lines)
+    except (ValueError, TypeError, KeyError) as e:  # a step without a usable batch_size
+        body.append(h.note(f"No recommendation: {e}"))
+        return h.Section(anchor, title, "".join(body), [plot])
+    text, plots = advice(rec, f"{stem}-rules", f"run file {inp.path.name}")
+    body.append(text)
+    return h.Section(anchor, title, "".join(body), [plot] + plots)
