@@ -74,30 +74,50 @@ def test_report_from_a_users_run_file(tiny_study, tmp_path):
     assert "mine.jsonl" in text
 
 
-def _one_line_error(r, needle):
-    assert r.returncode != 0
-    lines = [s for s in r.stderr.splitlines() if s.strip()]
-    assert len(lines) == 1 and lines[0].startswith("gradnoise: error:") and needle in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
+def _one_line(stderr: str, needle: str) -> None:
+    lines = [s for s in stderr.splitlines() if s.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gradnoise: error:") and needle in lines[0], stderr
+    assert "Traceback" not in stderr
 
 
-def test_bad_input_is_one_line(tmp_path):
+def test_bad_input_through_a_subprocess(tmp_path):
+    r = gradnoise("study", "nosuchstudy", "--out", tmp_path / "o")
+    assert r.returncode == 2
+    _one_line(r.stderr, "unknown study")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    corrupt = tmp_path / "corrupt.jsonl"
-    corrupt.write_text('{"type": "header", "format": "gradnoise-run", "version": 1}\nnot json\n{"a": 1}\n')
-    future = tmp_path / "future.jsonl"
-    future.write_text('{"type": "header", "format": "gradnoise-run", "version": 99}\n')
-    _one_line_error(gradnoise("study", "nosuchstudy", "--out", tmp_path / "o"), "unknown study")
-    _one_line_error(gradnoise("study", "law", "--task", "nosuchpkg.mod:fn", "--out", tmp_path / "o"),
-                    "cannot import")
-    _one_line_error(gradnoise("report", empty, "--out", tmp_path / "o"), "empty")
-    _one_line_error(gradnoise("report", corrupt, "--out", tmp_path / "o"), "line 2")
-    _one_line_error(gradnoise("report", future, "--out", tmp_path / "o"), "version")
-    _one_line_error(gradnoise("report", tmp_path / "missing.jsonl", "--out", tmp_path / "o"), "missing.jsonl")
-    _one_line_error(gradnoise("study", "recommend", "--out", tmp_path / "nothing"), "run file")
     debug = gradnoise("--debug", "report", empty, "--out", tmp_path / "o")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+BAD_FILES = {
+    "empty.jsonl": ("", "empty"),
+    "corrupt.jsonl": ('{"type": "header", "format": "gradnoise-run", "version": 1}\nnot json\n{"a": 1}\n', "line 2"),
+    "future.jsonl": ('{"type": "header", "format": "gradnoise-run", "version": 99}\n', "version"),
+    "other.jsonl": ('{"type": "header", "format": "something-else", "version": 1}\n', "format"),
+}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["report", "{tmp}/empty.jsonl"], "empty"),
+    (["report", "{tmp}/corrupt.jsonl"], "line 2"),
+    (["report", "{tmp}/future.jsonl"], "version"),
+    (["report", "{tmp}/other.jsonl"], "format"),
+    (["report", "{tmp}/missing.jsonl"], "missing.jsonl"),
+    (["study", "law", "--task", "nosuchpkg.mod:fn"], "cannot import"),
+    (["study", "law", "--task", "digits-rnn"], "unknown task"),
+    (["study", "recommend"], "run file"),
+    (["study", "recommend", "--run", "{tmp}/future.jsonl"], "version"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, argv, needle):
+    """The same entry point in-process (each subprocess costs seconds of imports)."""
+    from gradnoise.cli import main
+
+    for name, (text, _) in BAD_FILES.items():
+        (tmp_path / name).write_text(text)
+    argv = [a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    _one_line(capsys.readouterr().err, needle)
 
 
 def test_user_task_from_the_example_file(tmp_path):
