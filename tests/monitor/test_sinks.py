@@ -154,7 +154,7 @@ def test_read_run_truncated_last_line_warns(tmp_path):
 
 
 @pytest.mark.parametrize("content, match", [
-    (None, "no such run file"),
+    (None, "no such file"),
     ("", "empty"),
     ('{"type": "step", "step": 0}\n', "line 1: expected a gradnoise-run header"),
     ('{"type": "header", "format": "gradnoise-run", "version": 7}\n', "version 7 is unknown"),

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .record import FORMAT, VERSION, StepRecord
 
@@ -140,43 +140,63 @@ def read_run(path: "os.PathLike[str] | str") -> Tuple[Dict[str, Any], List[Dict[
         ValueError: naming the file (and line) when it is missing, empty, has no header,
             is of another format or an unknown version, or has a corrupt line before the last.
     """
+    return read_jsonl(path, _check_header, lambda obj: obj.get("type") == "step", "a step line")
+
+
+def read_jsonl(path: "os.PathLike[str] | str", check_header: Callable[[Any, str, int], None],
+               accept: Callable[[Dict[str, Any]], bool], what: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """The header and later lines of a JSON Lines file written line by line and flushed.
+
+    Blank lines are ignored. A final line without its newline that is not a JSON object
+    (a writer still running, or killed mid-line) is skipped with a warning.
+
+    Args:
+        path: the file.
+        check_header: ``check_header(obj, path, lineno)`` raises ``ValueError`` unless
+            ``obj`` (the first line) is a header this reader knows.
+        accept: whether a later line (a dict) belongs in the file.
+        what: the accepted lines, for the error message (``"a step line"``).
+
+    Raises:
+        ValueError: naming the file (and line) when it is missing, empty, has no header,
+            or has a corrupt or unexpected line before the last.
+    """
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such run file") from None
+        raise ValueError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not data.strip():
-        raise ValueError(f"{path}: the run file is empty (no header line)")
-    lines = data.split(b"\n")
-    last = len(lines)  # lines[-1] is b"" when the file ends with a newline
+        raise ValueError(f"{path}: the file is empty (no header line)")
+    rows = data.split(b"\n")  # rows[-1] is b"" when the file ends with a newline
     header: Optional[Dict[str, Any]] = None
-    steps: List[Dict[str, Any]] = []
-    for lineno, raw in enumerate(lines, start=1):
+    lines: List[Dict[str, Any]] = []
+    for lineno, raw in enumerate(rows, start=1):
         if not raw.strip():
             continue
         try:
             obj, err = json.loads(raw.decode("utf-8")), None
         except ValueError as e:  # includes UnicodeDecodeError
             obj, err = None, e
-        if lineno == last and header is not None and not isinstance(obj, dict):
-            warnings.warn(
-                f"{path}, line {lineno}: incomplete last line skipped (run still writing or killed)",
-                stacklevel=2,
-            )
+        if lineno == len(rows) and header is not None and not isinstance(obj, dict):
+            warnings.warn(f"{path}, line {lineno}: incomplete last line skipped "
+                          "(file still being written, or its writer was killed)", stacklevel=3)
             break
         if err is not None:
             raise ValueError(f"{path}, line {lineno}: corrupt line, not JSON ({err})")
         if header is None:
-            _check_header(obj, path, lineno)
+            check_header(obj, path, lineno)
             header = obj
-        elif isinstance(obj, dict) and obj.get("type") == "step":
-            steps.append(obj)
+        elif isinstance(obj, dict) and accept(obj):
+            lines.append(obj)
         else:
-            raise ValueError(f"{path}, line {lineno}: expected a step line, not {raw[:80]!r}")
+            raise ValueError(f"{path}, line {lineno}: expected {what}, not {raw[:80]!r}")
     if header is None:
         raise ValueError(f"{path}: no header line")
-    return header, steps
+    return header, lines
 
 
 class CsvSink(Sink):

@@ -16,11 +16,11 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..monitor.record import FORMAT as RUN_FORMAT
 from ..monitor.sinks import KNOWN_VERSIONS as RUN_VERSIONS
-from ..monitor.sinks import read_run
+from ..monitor.sinks import read_jsonl, read_run
 from ..studies.output import FORMAT as STUDY_FORMAT
 from ..studies.output import STUDIES
 from ..studies.output import VERSION as STUDY_VERSION
@@ -80,36 +80,6 @@ def _parse(raw: bytes) -> Tuple[Any, Optional[Exception]]:
         return None, e
 
 
-def _read_lines(path: str, check_header: Callable[[Any, str, int], None]) -> Tuple[Dict[str, Any], Lines]:
-    """Header and typed lines of a JSON Lines file; the rules of the module docstring."""
-    data = _read_bytes(path)
-    if not data.strip():
-        raise ValueError(f"{path}: the file is empty (no header line)")
-    rows = data.split(b"\n")  # rows[-1] is b"" when the file ends with a newline
-    header: Optional[Dict[str, Any]] = None
-    lines: Lines = []
-    for lineno, raw in enumerate(rows, start=1):
-        if not raw.strip():
-            continue
-        obj, err = _parse(raw)
-        if lineno == len(rows) and header is not None and not isinstance(obj, dict):
-            warnings.warn(f"{path}, line {lineno}: incomplete last line skipped "
-                          "(file still being written, or its writer was killed)", stacklevel=3)
-            break
-        if err is not None:
-            raise ValueError(f"{path}, line {lineno}: corrupt line, not JSON ({err})")
-        if header is None:
-            check_header(obj, path, lineno)
-            header = obj
-        elif isinstance(obj, dict) and isinstance(obj.get("type"), str):
-            lines.append(obj)
-        else:
-            raise ValueError(f"{path}, line {lineno}: expected an object with a 'type', not {raw[:60]!r}")
-    if header is None:  # pragma: no cover - a non-blank file always reaches a header check
-        raise ValueError(f"{path}: no header line")
-    return header, lines
-
-
 def _check_format(obj: Any, path: str, lineno: int, expected: Optional[str] = None) -> str:
     """The header's format after checking it is a known format and version."""
     if not isinstance(obj, dict) or obj.get("type") != "header" or "format" not in obj:
@@ -149,7 +119,8 @@ def read_study(path: "os.PathLike[str] | str") -> Tuple[Dict[str, Any], Lines]:
             no header, is of another format, an unknown version or an unknown study, or
             has a corrupt line before the last.
     """
-    return _read_lines(os.fspath(path), _check_study_header)
+    return read_jsonl(path, _check_study_header, lambda obj: isinstance(obj.get("type"), str),
+                      "an object with a 'type'")
 
 
 def sniff(path: "os.PathLike[str] | str") -> str:
