@@ -63,3 +63,12 @@ def test_bad_tasks_are_one_line_errors(tmp_path, monkeypatch, spec, body, messag
     with pytest.raises(ValueError, match=message) as e:
         load(spec)
     assert "\n" not in str(e.value)
+
+
+def test_the_report_reads_only_study_files(tmp_path):
+    from gradnoise.studies.runner import study_files
+
+    for name in ("law-a.jsonl", "trajectory-a.jsonl", "trajectory-a.run.jsonl", "notes.jsonl", "mine-run.jsonl",
+                 "lr-batch-a.jsonl", "lawyer.jsonl"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in study_files(tmp_path)] == ["law-a.jsonl", "lr-batch-a.jsonl", "trajectory-a.jsonl"]

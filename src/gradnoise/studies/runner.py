@@ -115,6 +115,8 @@ def _recommend(files: Sequence, out: Path, seed: int, size: str) -> List[Outcome
 
 
 def study_files(out) -> List[Path]:
-    """The study files in ``out`` (the report's inputs): ``*.jsonl`` except the
-    monitor's ``*.run.jsonl``, which the trajectory files name themselves."""
-    return sorted(p for p in Path(out).glob("*.jsonl") if not p.name.endswith(".run.jsonl"))
+    """The study files in ``out`` (the report's inputs): ``<study>-<task>.jsonl`` for
+    every study, not the monitor's ``*.run.jsonl`` (the trajectory files name those)
+    and not other files that may share the folder."""
+    found = {p for study in STUDIES for p in Path(out).glob(f"{study}-*.jsonl")}
+    return sorted(p for p in found if not p.name.endswith(".run.jsonl"))
