@@ -38,16 +38,22 @@ with unbounded ends written ``"inf"`` / ``"-inf"``):
     — the fit ``(S/S_min − 1)(E/E_min − 1) = 1``, ``B_crit = E_min/S_min``;
     ``b_simple`` is the median over the best runs of the monitor's smoothed value at
     their end and ``b_simple_interval`` the range of those values; ``reason`` (or
-    ``null``) says why the fit is missing or doubtful.
+    ``null``) says why the fit is missing or doubtful (several notes joined by
+    ``"; "``).
 ``lr-batch``
-    ``cell``: ``{"batch_size", "lr", "final_loss", "diverged", "skipped"}`` (``skipped``:
-    not run, since two smaller rates already failed; counted as diverged). ``stable``:
-    ``{"batch_size", "lr_max", "lr_best", "best_loss"}`` — the largest learning rate of
-    the grid that did not diverge and the one with the lowest final loss (``null`` if
-    none). ``summary``: ``{"eps_max", "b_noise", "b_noise_interval", "b_simple",
-    "points", "reason"}`` — the fit ``ε(B) = ε_max/(1 + B_noise/B)`` to ``lr_best``,
-    beside the ``B_simple`` measured at initialisation; ``reason`` (or ``null``) says
-    why the fit is missing or doubtful.
+    ``cell``: ``{"batch_size", "lr", "final_loss", "diverged", "no_progress",
+    "skipped"}`` — ``diverged``: the run blew up (NaN/inf, or a loss far above the
+    initial one); ``no_progress``: it stayed finite but ended no lower than it started
+    (too small a rate, or stuck); ``skipped``: not run, since the two rates below it
+    already diverged (counted as diverged). ``stable``: ``{"batch_size", "lr_max",
+    "lr_best", "best_loss"}`` — the largest rate of the grid that did not diverge and
+    the rate with the lowest final loss among those that made progress (``null`` if
+    none). ``summary``: ``{"eps_max", "b_noise", "b_noise_interval", "rms",
+    "stable_fit", "b_simple", "points", "reason"}`` — the fit
+    ``ε(B) = ε_max/(1 + B_noise/B)`` to ``lr_best``; ``stable_fit`` is the same law
+    fitted to ``lr_max`` (``{"eps_max", "b_noise", "b_noise_interval", "rms"}``, or
+    ``null``); ``b_simple`` was measured at initialisation; ``reason`` (or ``null``)
+    says why the fit is missing or doubtful (several notes joined by ``"; "``).
 ``recommend``
     ``summary``: ``{"run_file", "batch_size", "b_crit", "b_crit_interval", "steps",
     "rules": [{"to_batch", "linear", "sqrt", "adascale"}, ...]}`` — the smoothed
