@@ -136,3 +136,30 @@ def test_chromium_renders_the_report(tiny_study, tmp_path):
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                     "--window-size=1200,3000", (out / "index.html").as_uri()], capture_output=True, timeout=120)
     assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_a_failing_study_does_not_lose_the_others(tmp_path, capsys, monkeypatch):
+    """A model the per-sample engine refuses (BatchNorm in training mode): every study
+    that needs per-sample norms fails with a line naming it; the exit code says so."""
+    from gradnoise.cli import main
+
+    (tmp_path / "bn_task.py").write_text(
+        "import torch\n"
+        "def task():\n"
+        "    x = torch.randn(64, 4); y = (x[:, 0] > 0).long()\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))\n"
+        "    return m, (x, y), torch.nn.functional.cross_entropy\n")
+    rc = main(["study", "law", "trajectory", "--task", f"{tmp_path / 'bn_task.py'}:task", "--size", "tiny",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 2
+    assert err[0].startswith("gradnoise: error: law on bn_task:") and "BatchNorm" in err[0]
+    assert err[1].startswith("gradnoise: error: trajectory on bn_task:")
+
+
+def test_debug_after_the_subcommand(tmp_path):
+    from gradnoise.cli import _parser
+
+    assert _parser().parse_args(["study", "--debug"]).debug is True
+    assert _parser().parse_args(["--debug", "report", "x.jsonl"]).debug is True
+    assert _parser().parse_args(["report", "x.jsonl"]).debug is False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import List, Optional
 
 from .studies.models import MODELS
@@ -20,9 +21,10 @@ DEFAULT_OUT = "gradnoise-report"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradnoise", description="Measure the noise of mini-batch gradients.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (stop at the first failing study)")
     sub = p.add_subparsers(dest="command")
     m = sub.add_parser("measure", help="per-layer gradient noise of one batch of the built-in digits data")
+    _debug_option(m)
     m.add_argument("--model", choices=MODELS, default="mlp")
     m.add_argument("--batch-size", type=int, default=128)
     m.add_argument("--seed", type=int, default=0)
@@ -32,7 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", metavar="RUN.jsonl", help="gradnoise-run files (or study files)")
     r.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     r.add_argument("--quiet", action="store_true", help="print only the report's path")
+    _debug_option(r)
     return p
+
+
+def _debug_option(sub) -> None:
+    """``--debug`` after the subcommand too (SUPPRESS: it never resets an earlier one)."""
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
 
 def _study_parser(sub) -> None:
@@ -53,6 +61,7 @@ def _study_parser(sub) -> None:
     s.add_argument("--lrs", type=_floats, help="comma-separated learning-rate grid of the sweeps")
     s.add_argument("--batch-sizes", type=_ints, help="comma-separated batch sizes of the sweeps")
     s.add_argument("--target-loss", type=float, help="full-data loss the critical-batch runs train to (default 0.2)")
+    _debug_option(s)
 
 
 def _floats(text: str) -> List[float]:
@@ -76,8 +85,9 @@ def _fmt(v, spec: str = ".3g") -> str:
     return "—" if v is None else format(v, spec)
 
 
-def print_measure(r: dict, out=sys.stdout) -> None:
+def print_measure(r: dict, out=None) -> None:
     """The per-layer table of :func:`gradnoise.studies.measure.measure`."""
+    out = out or sys.stdout
     head = f"{'layer':<28}{'params':>9}{'tr(Σ)':>12}{'|G|²':>12}{'B_simple':>11}{'noise share':>13}"
     print(f"gradnoise measure: {r['model']} on digits, one batch of {r['batch_size']} "
           f"of {r['population']} samples (seed {r['seed']}), loss {r['loss']:.4f}\n", file=out)
@@ -95,27 +105,35 @@ def print_measure(r: dict, out=sys.stdout) -> None:
         print(f"note: {r['total']['reason']}", file=out)
 
 
-def run_study(args, out=sys.stdout) -> int:
+def run_study(args, out=None) -> int:
     """``gradnoise study``: run, build the report, print a summary and its path."""
+    out = out or sys.stdout
     from .report import build_report
     from .studies import runner, summary
 
     outcomes = runner.run_studies(
         args.studies, args.task, args.out, seed=args.seed, size=args.size, quiet=args.quiet,
         overrides=runner.Overrides(lr=args.lr, lrs=args.lrs, batch_sizes=args.batch_sizes,
-                                   target_loss=args.target_loss), run_files=args.run)
-    page = build_report(runner.study_files(args.out), args.out)
-    if not args.quiet:
+                                   target_loss=args.target_loss), run_files=args.run, keep_going=not args.debug)
+    files = runner.study_files(args.out)
+    page = build_report(files, args.out) if files else None
+    done = [o for o in outcomes if o.error is None]
+    if not args.quiet and done:
         print(f"gradnoise study (seed {args.seed}, size {args.size}):", file=out)
-        for o in outcomes:
+        for o in done:
             print(f"  {summary.line(o.study, o.task, o.summary)}  [{o.seconds:.0f} s]", file=out)
         print(f"data files in {args.out}/", file=out)
-    print(f"report: {page}", file=out)
-    return 0
+    if page is not None:
+        print(f"report: {page}", file=out)
+    for o in outcomes:
+        if o.error is not None:
+            print(f"gradnoise: error: {o.study} on {o.task}: {o.error}", file=sys.stderr)
+    return 2 if len(done) < len(outcomes) else 0
 
 
-def run_report(args, out=sys.stdout) -> int:
+def run_report(args, out=None) -> int:
     """``gradnoise report``: the report of the given run files."""
+    out = out or sys.stdout
     from .report import build_report
 
     page = build_report(args.runs, args.out)
@@ -123,8 +141,25 @@ def run_report(args, out=sys.stdout) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"gradnoise: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.showwarning = _show_warning
+        try:
+            return _dispatch(args)
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            print("gradnoise: interrupted", file=sys.stderr)
+            return 130
+
+
+def _dispatch(args) -> int:
     try:
         if args.command == "study":
             return run_study(args)

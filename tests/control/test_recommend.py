@@ -46,3 +46,11 @@ def test_no_usable_step_is_flagged_not_invented():
 def test_empty_run_is_an_error():
     with pytest.raises(ValueError, match="no steps"):
         recommend([])
+
+
+def test_steps_without_batch_size_or_interval():
+    r = recommend([{"step": 0, "skipped": False, "smoothed": {"b_simple": 40.0}, "b_simple_interval": None}],
+                  batch_size=16)
+    assert r["b_crit"] == 40.0 and math.isnan(r["b_crit_interval"][0])
+    with pytest.raises(ValueError, match="batch_size"):
+        recommend([{"step": 0, "skipped": False, "smoothed": {"b_simple": 40.0}}])

@@ -25,15 +25,16 @@ def _raw(rng, batch, scale=1.0):
     return stats.total(parts)
 
 
-def records(n=40, batch=32, skip_all=False, unbounded=False, seed=0):
+def records(n=40, batch=32, skip_all=False, unbounded=False, seed=0, skip_at=()):
     """``n`` StepRecords as the monitor makes them, or all skipped (NaN gradients), or
-    with ``(-inf, inf)`` intervals throughout."""
+    with ``(-inf, inf)`` intervals throughout; the steps in ``skip_at`` are skipped."""
     rng = random.Random(seed)
     smoother = NoiseSmoother(0.9)
     out = []
     for i in range(n):
         raw = _raw(rng, batch, scale=1.0 / (1 + i))
-        if skip_all:
+        skipped = skip_all or i in skip_at
+        if skipped:
             parts = {p: stats.from_moments(math.nan, 1.0, batch, batch) for p in PARAMS}
             raw = stats.total(parts)
         else:
@@ -41,7 +42,7 @@ def records(n=40, batch=32, skip_all=False, unbounded=False, seed=0):
         smoothed, iv = smoother.smoothed(batch, batch)
         if unbounded:
             iv = (-INF, INF)
-        out.append(StepRecord(i, "per_sample", raw, smoothed, iv, skipped=skip_all, flag=raw.flag))
+        out.append(StepRecord(i, "per_sample", raw, smoothed, iv, skipped=skipped, flag=raw.flag))
     return out
 
 
@@ -75,8 +76,8 @@ def monitor_run(path, steps=12, batch=16):
     return losses
 
 
-def law_study(out, task="digits-mlp"):
-    with StudyWriter(out, "law", task, 0, "tiny", {"batch_sizes": [4, 16, 64]}) as w:
+def law_study(out, task="digits-mlp", seed=0, size="tiny"):
+    with StudyWriter(out, "law", task, seed, size, {"batch_sizes": [4, 16, 64]}) as w:
         n = 256
         for cp, trace in (("init", 40.0), ("trained", 8.0)):
             w.write("checkpoint", checkpoint=cp, step=0, population=n, loss=2.3, trace_cov=trace, grad_sq_norm=0.5)
@@ -101,7 +102,7 @@ def trajectory_study(out, task="digits-mlp"):
     return w.path
 
 
-def critical_study(out, task="digits-mlp"):
+def critical_study(out, task="digits-mlp", reason=None):
     s_min, e_min = 100.0, 1600.0
     with StudyWriter(out, "critical-batch", task, 0, "tiny", {"target_loss": 0.5}) as w:
         for b in (4, 16, 64, 256):
@@ -114,11 +115,16 @@ def critical_study(out, task="digits-mlp"):
                         b_simple=14.0, b_simple_interval=[9.0, 30.0])
             w.write("best", batch_size=b, seed=0, lr=0.1, steps=round(steps), examples=round(steps) * b)
         w.write("summary", target_loss=0.5, s_min=s_min, e_min=e_min, b_crit=16.0, b_crit_interval=[10.0, INF],
-                b_simple=14.0, b_simple_interval=[9.0, 30.0], points=4, reason=None)
+                b_simple=14.0, b_simple_interval=[9.0, 30.0], points=4, reason=reason)
     return w.path
 
 
-def lr_batch_study(out, task="digits-mlp"):
+STABLE_FIT = {"eps_max": 0.7, "b_noise": 12.0, "b_noise_interval": [5.0, "inf"], "rms": 0.25}
+
+
+def lr_batch_study(out, task="digits-mlp", new_fields=True):
+    """An lr-batch study; with ``new_fields`` its cells have ``no_progress`` (the smallest
+    rate at the smallest batch) and its summary a ``stable_fit``, else they have neither."""
     lrs = [0.01, 0.03, 0.1, 0.3, 1.0]
     with StudyWriter(out, "lr-batch", task, 0, "tiny", {}) as w:
         for b in (8, 32, 128):
@@ -129,13 +135,15 @@ def lr_batch_study(out, task="digits-mlp"):
                 diverged = lr > lr_max
                 skipped = failed >= 2
                 failed += diverged
+                extra = {"no_progress": b == 8 and lr == lrs[0]} if new_fields else {}
                 w.write("cell", batch_size=b, lr=lr, final_loss=math.nan if diverged else 1.0 / (lr * b),
-                        diverged=diverged, skipped=skipped)
+                        diverged=diverged, skipped=skipped, **extra)
             best = stable[-2] if len(stable) > 1 else None
             w.write("stable", batch_size=b, lr_max=max(stable) if stable else None, lr_best=best,
                     best_loss=1.0 / (best * b) if best else None)
+        extra = {"stable_fit": STABLE_FIT, "rms": 0.125} if new_fields else {}
         w.write("summary", eps_max=1.0, b_noise=32.0, b_noise_interval=["-inf", 80.0], b_simple=None, points=3,
-                reason=None)
+                reason=None, **extra)
     return w.path
 
 

@@ -65,7 +65,7 @@ def test_layers_sum_their_parameters():
     last = recs[-1].smoothed.by_param
     t = last["head.weight"].trace_cov + last["head.bias"].trace_cov
     g = last["head.weight"].grad_sq_norm + last["head.bias"].grad_sq_norm
-    assert s.layers["head"][-1] == pytest.approx(t / g)
+    assert s.layers["head"].b_simple[-1] == pytest.approx(t / g)
 
 
 def test_series_of_skipped_steps_is_empty():

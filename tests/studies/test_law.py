@@ -3,6 +3,7 @@ test has the power to reject the prediction without the finite-population factor
 import json
 import math
 
+import pytest
 import torch
 
 from gradnoise.studies import law
@@ -23,13 +24,14 @@ def test_full_noise_matches_the_oracle(toy):
     """trace_cov and |∇J|² of the full data set equal a per-sample float64 loop."""
     model = toy.fresh_model().double()
     t64 = law.replace(toy, model=model, x=toy.x.double())
-    got = full_noise(model, t64)
+    got = full_noise(model, t64, chunk=100)  # 3 chunks, accumulated in one capture
     grads = per_sample_grads(model, torch.nn.functional.cross_entropy, t64.x, t64.y)
     trace, g2 = population_stats(grads)
     assert math.isclose(got["grad_sq_norm"], g2, rel_tol=1e-9)
     assert math.isclose(got["trace_cov"], trace, rel_tol=1e-9)
     mean = torch.cat([g.mean(0).reshape(-1) for g in grads.values()])
     assert torch.allclose(flat_grad(model), mean, rtol=1e-9, atol=1e-12)
+    assert got == pytest.approx(full_noise(model, t64, chunk=1024), rel=1e-9)
 
 
 def test_measured_error_agrees_with_the_law(toy, tmp_path):

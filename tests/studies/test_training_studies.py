@@ -26,6 +26,7 @@ def test_batches_draw_without_replacement_within_an_epoch():
 def test_divergence_rule():
     assert diverged(math.nan, 1.0) and diverged(math.inf, 1.0) and diverged(3.5, 1.0)
     assert not diverged(2.9, 1.0)
+    assert diverged(5.5, -2.0) and not diverged(-1.0, -2.0)  # negative losses (log-likelihoods)
 
 
 def test_trajectory_writes_a_monitor_run_file_and_the_losses(toy, tmp_path):
@@ -82,3 +83,27 @@ def test_lr_batch_grid_and_fit(toy, tmp_path):
     skipped = [c for c in cells if c["skipped"]]
     assert all(c["diverged"] and c["final_loss"] is None for c in skipped)
     assert summary["points"] == 3 and summary["b_simple"] > 0
+
+
+def test_too_small_rates_make_no_progress_without_hiding_the_good_ones(toy, tmp_path):
+    cfg = lrbatch.LrBatchConfig(batch_sizes=[16, 64], lrs=[1e-9, 1e-8, 0.1, 0.5], steps=20)
+    summary = lrbatch.run(toy, tmp_path, config=cfg)
+    cells = [c for c in _lines(tmp_path / "lr-batch-toy.jsonl") if c["type"] == "cell"]
+    tiny = [c for c in cells if c["lr"] < 1e-7]
+    assert all(c["no_progress"] and not c["diverged"] for c in tiny)
+    assert not any(c["skipped"] for c in cells)
+    assert summary["points"] == 2  # both batch sizes have a best rate among 0.1, 0.5
+
+
+def test_critical_batch_refuses_a_target_already_met(toy, tmp_path):
+    cfg = critical.CriticalConfig(batch_sizes=[4, 16], lrs=[0.5], seeds=1, target_loss=50.0)
+    with pytest.raises(ValueError, match="already at or below the target"):
+        critical.run(toy, tmp_path, config=cfg)
+
+
+def test_critical_batch_notes_a_best_rate_at_the_grid_edge():
+    cfg = critical.CriticalConfig(lrs=[0.8, 0.4, 0.2], eval_examples=64)
+    notes = critical._edge_notes(16, 100, 0.8, cfg)
+    assert len(notes) == 1 and "edge of the grid" in notes[0]
+    assert "first evaluation" in critical._edge_notes(16, 4, 0.4, cfg)[0]
+    assert critical._edge_notes(16, 100, 0.4, cfg) == []

@@ -54,13 +54,16 @@ def recommend(steps: Sequence[Dict[str, Any]], batch_size: Optional[int] = None,
     if usable:
         last = usable[-1]
         b_crit = _float(last["smoothed"]["b_simple"])
-        lo, hi = (_float(v) for v in last.get("b_simple_interval", (None, None)))
+        lo, hi = (_float(v) for v in (last.get("b_simple_interval") or (None, None)))
     else:
         last, b_crit, lo, hi = steps[-1], math.nan, math.nan, math.nan
         reason = "no step has a defined smoothed B_simple (|G|² not yet above zero, or every step skipped)"
     used = usable or list(steps)
     if batch_size is None:
-        batch_size = int(statistics.median(int(s["batch_size"]) for s in used))
+        sizes = [s.get("batch_size") for s in used]
+        if not all(isinstance(b, (int, float)) and b >= 1 for b in sizes):
+            raise ValueError("a step has no valid batch_size; pass the batch size the learning rate was tuned for")
+        batch_size = int(statistics.median(sizes))
     if to_batches is None:
         targets = set(powers_of_two_around(batch_size))
         if math.isfinite(b_crit) and b_crit >= 1:

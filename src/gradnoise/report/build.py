@@ -9,7 +9,7 @@ from typing import Callable, List, Sequence, Tuple
 from .. import __version__
 from . import html as h
 from .files import RUN_FORMAT, Input, load
-from .fmt import slug
+from .fmt import fmt_text, slug
 from .noise_sections import run_section, trajectory_section
 from .sections import critical_section, law_section, lr_batch_section, recommend_section
 
@@ -56,6 +56,21 @@ def _kind(inp: Input) -> str:
     return "monitor run file" if inp.format == RUN_FORMAT else f"{inp.study} study"
 
 
+def _mixed_runs(inputs: Sequence[Input]) -> str:
+    """A note when the study files disagree in seed or size (``""`` when they agree)."""
+    studies = [inp for inp in inputs if inp.format != RUN_FORMAT]
+    parts = []
+    for key, plural in (("seed", "seeds"), ("size", "sizes")):
+        values = []
+        for inp in studies:
+            text = fmt_text(inp.header.get(key))
+            if text not in values:
+                values.append(text)
+        if len(values) > 1:
+            parts.append(f"{plural} {', '.join(values)}")
+    return h.note(f"These files come from different runs: {'; '.join(parts)}.") if parts else ""
+
+
 def _head(given: Sequence[str], inputs: Sequence[Input], created: str) -> str:
     """The block under the title: inputs, time, version and how to read the page."""
     items = []
@@ -64,7 +79,7 @@ def _head(given: Sequence[str], inputs: Sequence[Input], created: str) -> str:
         items.append(f"<li><span class=\"mono\">{h.esc(text)}</span> ({h.esc(_kind(inp))}{extra})</li>")
     return (
         f'<p class="meta">Created {h.esc(created)} with gradnoise {h.esc(__version__)}.</p>\n'
-        f"<h2>Input files</h2>\n<ul>{''.join(items)}</ul>\n"
+        f"<h2>Input files</h2>\n<ul>{''.join(items)}</ul>\n{_mixed_runs(inputs)}"
         f"<h2>How to read this report</h2>\n{h.para(HOW_TO_READ)}"
     )
 

@@ -139,7 +139,7 @@ def limits(arrays: Iterable[Sequence[float]], log: bool) -> Optional[Tuple[float
 
 
 def band(ax: Axes, x: np.ndarray, low: np.ndarray, high: np.ndarray, ylim: Optional[Tuple[float, float]],
-         color: str, label: Optional[str] = None) -> None:
+         color: str, label: Optional[str] = None, alpha: float = 0.2) -> None:
     """A shaded band between ``low`` and ``high``, their unbounded or (on a log axis)
     non-positive ends clipped to ``ylim``; NaN ends leave a gap."""
     if ylim is None:
@@ -148,7 +148,7 @@ def band(ax: Axes, x: np.ndarray, low: np.ndarray, high: np.ndarray, ylim: Optio
     hi = np.clip(np.asarray(high, dtype=np.float64), *ylim)
     if not np.any(np.isfinite(lo) & np.isfinite(hi)):
         return
-    ax.fill_between(x, lo, hi, where=np.isfinite(lo) & np.isfinite(hi), color=color, alpha=0.2,
+    ax.fill_between(x, lo, hi, where=np.isfinite(lo) & np.isfinite(hi), color=color, alpha=alpha,
                     linewidth=0, label=label)
     ax.set_ylim(*ylim)
 

@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.patheffects import withStroke
 
 from .figures import Plot, finish, log_spaced, new_figure, note_empty
 from .fmt import fmt_count, fmt_num, to_float
@@ -21,7 +22,7 @@ from .fmt import fmt_count, fmt_num, to_float
 Lines = Sequence[Dict[str, Any]]
 DIVERGED_COLOR = "#d9d9d9"
 NOT_RUN_COLOR = "#f2f2f2"
-RAN, DIVERGED, NOT_RUN = 0, 1, 2
+RAN, DIVERGED, NOT_RUN, NO_PROGRESS = 0, 1, 2, 3
 
 
 def log_index(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -43,8 +44,9 @@ def log_index(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 def _grid(cells: Lines) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(batch_sizes [nb], lrs [nl], loss [nl, nb], status [nl, nb])``: ``status`` is
-    :data:`RAN`, :data:`DIVERGED` or :data:`NOT_RUN`; loss is NaN where a cell did not
-    give a final loss or is absent."""
+    :data:`RAN`, :data:`DIVERGED`, :data:`NOT_RUN` or :data:`NO_PROGRESS` (a cell
+    without ``no_progress``, from an older file, counts as :data:`RAN`); loss is NaN
+    where a cell did not give a final loss or is absent."""
     def positive(key: str) -> np.ndarray:
         vals = {to_float(c.get(key)) for c in cells}
         return np.array(sorted(v for v in vals if math.isfinite(v) and v > 0), dtype=np.float64)
@@ -63,12 +65,15 @@ def _grid(cells: Lines) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
             status[i[0], j[0]] = DIVERGED
         else:
             loss[i[0], j[0]] = to_float(c.get("final_loss"))
+            if c.get("no_progress"):
+                status[i[0], j[0]] = NO_PROGRESS
     return bs, lrs, loss, status
 
 
 def _mark_cells(ax: Axes, status: np.ndarray) -> List[Any]:
     """Grey hatched cells with a red × where the run diverged, lighter hatched cells
-    where it was not run; returns the legend handles of what was drawn."""
+    where it was not run, a dash (over the loss colour) where the loss did not fall;
+    returns the legend handles of the patches (the dash is labelled on the axes)."""
     styles = {DIVERGED: (DIVERGED_COLOR, "xx", "diverged"),
               NOT_RUN: (NOT_RUN_COLOR, "//", "not run (counted as diverged)")}
     handles: List[Any] = []
@@ -80,6 +85,11 @@ def _mark_cells(ax: Axes, status: np.ndarray) -> List[Any]:
                 ax.text(j, i, "×", ha="center", va="center", color="#b00020", fontsize=14, fontweight="bold")
         if cells:
             handles.append(Patch(facecolor=color, hatch=hatch, edgecolor="#999999", label=label))
+    stuck = np.nonzero(status == NO_PROGRESS)
+    if stuck[0].size:
+        ax.plot(stuck[1], stuck[0], linestyle="none", marker="_", markersize=13, markeredgewidth=2.5,
+                color="black", path_effects=[withStroke(linewidth=5, foreground="white")],
+                label="no progress (loss did not fall)")
     return handles
 
 
@@ -93,8 +103,22 @@ def _norm(loss: np.ndarray) -> Normalize:
     return Normalize(lo, hi if hi > lo else lo + 1.0)
 
 
+def _fit_curve(ax: Axes, bs: np.ndarray, lrs: np.ndarray, fit: Any, label: str, **style: Any) -> None:
+    """The fitted ``ε(B) = ε_max/(1 + B_noise/B)`` of a fit dict, where it is inside the grid."""
+    fit = fit if isinstance(fit, dict) else {}
+    eps_max, b_noise = to_float(fit.get("eps_max")), to_float(fit.get("b_noise"))
+    if not (math.isfinite(eps_max) and eps_max > 0 and math.isfinite(b_noise) and b_noise >= 0):
+        return
+    grid_b = log_spaced(float(bs[0]), float(bs[-1])) if bs[-1] > bs[0] else bs
+    fx, fy = log_index(grid_b, bs), log_index(eps_max / (1 + b_noise / grid_b), lrs)
+    inside = np.isfinite(fx) & np.isfinite(fy) & (fy >= -0.5) & (fy <= lrs.size - 0.5)
+    if inside.any():
+        ax.plot(fx[inside], fy[inside], linewidth=2, label=label, **style)
+
+
 def _overlays(ax: Axes, bs: np.ndarray, lrs: np.ndarray, stable: Lines, summary: Dict[str, Any]) -> None:
-    """The largest stable learning rate and the best one per batch size, and the fitted ``ε(B)``."""
+    """The largest stable learning rate and the best one per batch size, and ``ε(B)``
+    fitted to each."""
     sb = np.array([to_float(s.get("batch_size")) for s in stable], dtype=np.float64)
     sl = np.array([to_float(s.get("lr_max")) for s in stable], dtype=np.float64)
     x, y = log_index(sb, bs), log_index(sl, lrs)
@@ -108,21 +132,18 @@ def _overlays(ax: Axes, bs: np.ndarray, lrs: np.ndarray, stable: Lines, summary:
     if keep.any():
         ax.plot(x[keep], best[keep], "*", color="#ffb000", markeredgecolor="black", markersize=12,
                 linestyle="none", label="lowest final loss")
-    eps_max, b_noise = to_float(summary.get("eps_max")), to_float(summary.get("b_noise"))
-    if math.isfinite(eps_max) and eps_max > 0 and math.isfinite(b_noise) and b_noise >= 0:
-        grid_b = log_spaced(float(bs[0]), float(bs[-1])) if bs[-1] > bs[0] else bs
-        fx, fy = log_index(grid_b, bs), log_index(eps_max / (1 + b_noise / grid_b), lrs)
-        inside = np.isfinite(fx) & np.isfinite(fy) & (fy >= -0.5) & (fy <= lrs.size - 0.5)
-        if inside.any():
-            ax.plot(fx[inside], fy[inside], "--", color="#ff4fa0", linewidth=2,
-                    label="fit ε_max/(1 + B_noise/B) to the best")
+    _fit_curve(ax, bs, lrs, summary, "fit ε_max/(1 + B_noise/B) to the best rate", linestyle="--",
+               color="#ff4fa0")
+    _fit_curve(ax, bs, lrs, summary.get("stable_fit"), "fit to the largest stable rate", linestyle=":",
+               color="white", path_effects=[withStroke(linewidth=3.5, foreground="black")])
 
 
 def lr_batch_figure(cells: Lines, stable: Lines, summary: Dict[str, Any], name: str, task: str) -> Plot:
     """Heat map of the final loss (batch size on x, learning rate on y, both categorical
-    and log-spaced), diverged cells grey and hatched with an ×, cells not run lighter;
-    on top the largest stable learning rate per batch size (line), the one with the
-    lowest final loss (stars) and the fitted ``ε(B)``."""
+    and log-spaced), diverged cells grey and hatched with an ×, cells not run lighter,
+    cells whose loss did not fall marked with a dash; on top the largest stable learning
+    rate per batch size (line), the one with the lowest final loss (stars) and ``ε(B)``
+    fitted to each (dashed: best rate; dotted: largest stable rate)."""
     fig, (ax,) = new_figure(1, 1, width=8.0, row_height=5.0, bottom=1.45)
     bs, lrs, loss, status = _grid(cells)
     ax.set(title="Final loss over batch size and learning rate", xlabel="batch size B (samples)",
@@ -145,7 +166,8 @@ def lr_batch_figure(cells: Lines, stable: Lines, summary: Dict[str, Any], name: 
         ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2,
                   frameon=False)
     alt = (f"Heat map for task {task}: final training loss for {bs.size} batch sizes (x) and {lrs.size} "
-           f"learning rates (y), {int((status == DIVERGED).sum())} diverged cells grey with a cross and "
-           f"{int((status == NOT_RUN).sum())} cells not run, with the largest stable and the best learning "
-           "rate per batch size and the fitted curve ε(B) drawn on top.")
+           f"learning rates (y), {int((status == DIVERGED).sum())} diverged cells grey with a cross, "
+           f"{int((status == NOT_RUN).sum())} cells not run and {int((status == NO_PROGRESS).sum())} cells "
+           "without progress marked with a dash, with the largest stable and the best learning rate per "
+           "batch size and the curves ε(B) fitted to each drawn on top.")
     return finish(fig, name, alt, "Both axes are categorical with log-spaced values.")

@@ -27,7 +27,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e4e4e4; }
 figcaption { font-size: 0.88em; color: #555; }
-.note { background: #fff7e0; border-left: 4px solid #e0b000; padding: 0.4em 0.8em; }
+.note { background: #fff7e0; border-left: 4px solid #e0b000; padding: 0.4em 0.8em; margin: 1em 0; }
+.note ul { margin: 0.3em 0 0.1em; }
 .meta { color: #555; }
 nav ul { columns: 2; }
 """
@@ -63,6 +64,12 @@ def para(text: str, raw: bool = False) -> str:
 def note(text: str) -> str:
     """A highlighted remark (plain text)."""
     return f'<p class="note">{esc(text)}</p>\n'
+
+
+def notes(lead: str, items: Sequence[str]) -> str:
+    """A highlighted remark made of several notes (plain text): ``lead`` then a list."""
+    entries = "".join(f"<li>{esc(item)}</li>" for item in items)
+    return f'<div class="note">{esc(lead)}<ul>{entries}</ul></div>\n'
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: int = 1) -> str:

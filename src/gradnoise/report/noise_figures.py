@@ -9,6 +9,7 @@ from matplotlib.axes import Axes
 
 from .figures import (COLORS, Plot, all_positive, band, finish, legend, limits, log_axis, new_figure,
                       note_empty, wide_positive)
+from .layers import layer_label
 from .series import NoiseSeries
 
 RAW_STYLE = dict(s=6, alpha=0.3, linewidths=0)
@@ -73,20 +74,36 @@ def _b_simple_panel(ax: Axes, s: NoiseSeries) -> None:
     legend(ax)
 
 
+def _layer_limits(lines, bands, log: bool):
+    """Axis limits that hold every layer's line and, within a margin of the lines'
+    range (×10 on a log axis, one span on a linear one), the finite ends of its band."""
+    inner = limits(lines, log=log)
+    outer = limits(lines + [np.where(np.isfinite(b), b, np.nan) for b in bands], log=log)
+    if inner is None or outer is None:
+        return inner
+    lo, hi = inner
+    reach = (lo / 10, hi * 10) if log else (lo - (hi - lo), hi + (hi - lo))
+    return max(outer[0], reach[0]), min(outer[1], reach[1])
+
+
 def _layer_panel(ax: Axes, s: NoiseSeries) -> None:
-    title = "Smoothed B_simple per layer"
+    title = "B_simple per layer, 95 % bands"
     if s.n_layers > len(s.layers):
         title += f" ({len(s.layers)} of {s.n_layers}, largest tr(Σ))"
     ax.set(title=title, xlabel="optimizer step", ylabel="B_simple (samples)")
-    values = list(s.layers.values())
+    values = [layer.b_simple for layer in s.layers.values()]
     if not values or not any(np.isfinite(v).any() for v in values):
         note_empty(ax, "no per-layer values")
         return
-    for i, (name, v) in enumerate(s.layers.items()):
-        label = f"layer {name}" if name.isdigit() else name  # nn.Sequential children are "0", "1", …
-        ax.plot(s.step, v, color=COLORS[i % len(COLORS)], linewidth=1.1, label=label)
-    if all_positive(values) and wide_positive(values):
+    log = all_positive(values) and wide_positive(values)
+    ylim = _layer_limits(values, [b for layer in s.layers.values() for b in layer.band], log)
+    for i, (name, layer) in enumerate(s.layers.items()):
+        color = COLORS[i % len(COLORS)]
+        ax.plot(s.step, layer.b_simple, color=color, linewidth=1.1, label=layer_label(name))
+        band(ax, s.step, *layer.band, ylim, color, alpha=0.08)
+    if log:
         log_axis(ax, "y")
+    ax.set_ylim(*ylim)
     legend(ax, small=True)
 
 
@@ -110,7 +127,8 @@ def noise_figure(series: NoiseSeries, name: str, what: str, loss: Optional[Loss]
     shown = "training loss, " if loss is not None else ""
     alt = (f"Panels for {what} against optimizer step: {shown}smoothed tr(Σ) and |G|² with 95 % bands "
            f"and faint raw points, smoothed B_simple with its 95 % interval as a shaded band, and "
-           f"smoothed B_simple of {len(series.layers)} layers.")
+           f"smoothed B_simple of {len(series.layers)} layers, each with its 95 % interval as a faint band "
+           "of its colour.")
     caption = ("Lines: smoothed values; faint points: single steps (non-positive raw values are "
                "off the log scales); shading: 95 % intervals, unbounded ends clipped to the plot.")
     return finish(fig, name, alt, caption)

@@ -11,8 +11,9 @@ from . import html as h
 from .figures import Plot
 from .files import Input
 from .fmt import floats, fmt_count, fmt_num, fmt_text, fmt_with_interval
+from .layers import layer_label
 from .noise_figures import noise_figure
-from .sections import advice, subheading, summary_of, task_of
+from .sections import advice, section, subheading, summary_of, task_of
 from .series import NoiseSeries, first_finite, last_finite, noise_series
 
 Items = Sequence[Tuple[str, Input]]
@@ -53,6 +54,27 @@ def _noise_rows(series: NoiseSeries) -> List[Tuple[str, str]]:
     ]
 
 
+def _layer_table(series: NoiseSeries) -> str:
+    """Each plotted layer's smoothed values at the last step where its ``B_simple`` is
+    defined, with the 95 % interval drawn as its band (``""`` when there is no layer)."""
+    rows = []
+    for name, layer in series.layers.items():
+        i = last_finite(layer.b_simple)
+        if i is None:
+            rows.append((layer_label(name), fmt_num(None), fmt_num(None), fmt_num(None), fmt_num(None)))
+            continue
+        low, high = layer.band
+        rows.append((layer_label(name), fmt_count(series.step[i]), fmt_with_interval(layer.b_simple[i], [low[i], high[i]]),
+                     fmt_num(layer.trace_cov[i]), fmt_num(layer.grad_sq_norm[i])))
+    if not rows:
+        return ""
+    header = ("layer", "step", "smoothed B_simple, 95 % interval", "smoothed tr(Σ)", "smoothed |G|²")
+    caption = h.para("Per layer at its last measured step; the faint bands of the per-layer panel are "
+                     "these 95 % intervals (Fieller), replayed from the run file's per-parameter values "
+                     "(left out where the replay does not match the file's smoothed values).")
+    return caption + h.table(header, rows)
+
+
 def _loss(inp: Input) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = inp.of_type("step")
     return (floats([r.get("step") for r in rows]), floats([r.get("loss") for r in rows]),
@@ -78,18 +100,13 @@ def _trajectory_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
     ]
     if inp.run is not None:
         pairs += _noise_rows(series)
-    parts.append(h.key_values(pairs))
+    parts += [h.key_values(pairs), _layer_table(series)]
     return "".join(parts), [plot]
 
 
 def trajectory_section(items: Items) -> h.Section:
     """Loss and noise over one training run (study ``trajectory``)."""
-    body, plots = [h.para(TRAJECTORY_TEXT)], []
-    for stem, inp in items:
-        part, part_plots = _trajectory_part(stem, inp)
-        body.append(part)
-        plots += part_plots
-    return h.Section("trajectory", "Trajectory: noise over training", "".join(body), plots)
+    return section("trajectory", "Trajectory: noise over training", TRAJECTORY_TEXT, items, _trajectory_part)
 
 
 def _run_header(header: Dict[str, Any]) -> List[Tuple[str, str]]:
@@ -108,7 +125,7 @@ def run_section(stem: str, inp: Input, anchor: str) -> h.Section:
         return h.Section(anchor, title, "".join(body))
     series = noise_series(inp.header, inp.lines)
     plot = noise_figure(series, f"{stem}-noise", f"run file {inp.path.name}")
-    body += [h.figure(plot), h.key_values(_run_header(inp.header) + _noise_rows(series))]
+    body += [h.figure(plot), h.key_values(_run_header(inp.header) + _noise_rows(series)), _layer_table(series)]
     body.append("<h3>Recommendation</h3>\n" + h.para(
         "Critical batch size from the smoothed B_simple of the last measured step, and the "
         "learning-rate multiplier of each rule for a new batch size B′ (— where a rule is undefined)."))

@@ -7,7 +7,7 @@ Each ``*_section`` takes the study files of one study as ``(stem, Input)`` pairs
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from . import html as h
 from .figures import Plot
@@ -35,11 +35,15 @@ CRITICAL_TEXT = (
 )
 LR_BATCH_TEXT = (
     "Final training loss for each (batch size, learning rate) pair of the grid; grey hatched cells "
-    "with a cross diverged, lighter hatched cells were not run (counted as diverged). The white line "
-    "follows the largest learning rate that did not diverge at each batch size, the stars the rate "
-    "with the lowest final loss, and the dashed curve the fit ε(B) = ε_max/(1 + B_noise/B) to the "
-    "stars: the best step grows linearly with B while B ≪ B_noise and levels off at ε_max beyond it. "
-    "The fitted B_noise can be compared with the B_simple measured at initialisation."
+    "with a cross diverged, lighter hatched cells were not run (counted as diverged), and cells marked "
+    "with a dash stayed finite but their loss did not fall. The white line follows the largest "
+    "learning rate that did not diverge at each batch size and the stars the rate with the lowest "
+    "final loss. Both are fitted with ε(B) = ε_max/(1 + B_noise/B), and both fits are shown: the "
+    "dashed curve is the fit to the best rates, the white dotted one the fit to the largest stable "
+    "rates. The best step grows linearly with B while B ≪ B_noise and levels off at ε_max beyond it. "
+    "The largest stable rate is often set by the curvature of the loss rather than by the gradient "
+    "noise, so its fit need not give the noise scale; the fitted B_noise of the best rates is the one "
+    "to compare with the B_simple measured at initialisation."
 )
 RECOMMEND_TEXT = (
     "The critical batch size is estimated by the smoothed B_simple = tr(Σ)/|G|² of the run's last "
@@ -50,10 +54,18 @@ RECOMMEND_TEXT = (
 )
 
 
+def run_of(inp: Input) -> str:
+    """``"seed 0, size default"`` from a study header (parts it lacks are left out)."""
+    parts = [f"{key} {fmt_text(inp.header.get(key))}" for key in ("seed", "size")
+             if inp.header.get(key) is not None]
+    return ", ".join(parts)
+
+
 def subheading(inp: Input) -> str:
-    """``<h3>`` naming a study file's task and file."""
+    """``<h3>`` naming a study file's task, file, seed and size."""
     task = h.esc(fmt_text(inp.header.get("task")))
-    return f'<h3>Task {task} <span class="meta">({h.esc(inp.path.name)})</span></h3>\n'
+    where = ", ".join(x for x in (inp.path.name, run_of(inp)) if x)
+    return f'<h3>Task {task} <span class="meta">({h.esc(where)})</span></h3>\n'
 
 
 def task_of(inp: Input) -> str:
@@ -68,9 +80,13 @@ def summary_of(inp: Input) -> Dict[str, Any]:
 
 
 def reason_note(summary: Dict[str, Any]) -> str:
-    """A note with the summary's ``reason`` (why a fit is missing or doubtful), or ``""``."""
+    """A note with the summary's ``reason`` (why a fit is missing or doubtful; several
+    notes joined by ``"; "`` become a list), or ``""``."""
     reason = summary.get("reason")
-    return h.note(f"Note from the study: {reason}") if isinstance(reason, str) and reason.strip() else ""
+    items = [r.strip() for r in reason.split("; ") if r.strip()] if isinstance(reason, str) else []
+    if len(items) > 1:
+        return h.notes("Notes from the study:", items)
+    return h.note(f"Note from the study: {items[0]}") if items else ""
 
 
 def _law_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
@@ -102,7 +118,7 @@ def _law_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
 
 def law_section(items: Items) -> h.Section:
     """Measured mini-batch gradient error against ``tr(Σ)/B`` (study ``law``)."""
-    return _section("law", "Law: gradient noise against batch size", LAW_TEXT, items, _law_part)
+    return section("law", "Law: gradient noise against batch size", LAW_TEXT, items, _law_part)
 
 
 def _critical_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
@@ -131,22 +147,33 @@ def _critical_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
 
 def critical_section(items: Items) -> h.Section:
     """Steps and examples to a target loss against batch size (study ``critical-batch``)."""
-    return _section("critical-batch", "Critical batch size", CRITICAL_TEXT, items, _critical_part)
+    return section("critical-batch", "Critical batch size", CRITICAL_TEXT, items, _critical_part)
+
+
+def _fit_table(summary: Dict[str, Any]) -> str:
+    """``ε_max``, ``B_noise`` with its interval and the rms log-residual of the fits of
+    ``ε(B)`` to the best and to the largest stable learning rates."""
+    stable = summary.get("stable_fit") if isinstance(summary.get("stable_fit"), dict) else {}
+    fits = (summary, stable)
+    rows = [
+        ("ε_max (largest useful learning rate)",) + tuple(fmt_num(f.get("eps_max")) for f in fits),
+        ("B_noise, 95 % interval",) + tuple(fmt_with_interval(f.get("b_noise"), f.get("b_noise_interval"))
+                                            for f in fits),
+        ("rms log-residual of the fit",) + tuple(fmt_num(f.get("rms")) for f in fits),
+    ]
+    return h.table(("quantity", "fit to the best rate", "fit to the largest stable rate"), rows)
 
 
 def _lr_batch_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
     summary = summary_of(inp)
     plot = lr_batch_figure(inp.of_type("cell"), inp.of_type("stable"), summary, f"{stem}-lr-batch", task_of(inp))
     pairs = [
-        ("ε_max (largest useful learning rate)", fmt_num(summary.get("eps_max"))),
-        ("B_noise fitted, 95 % interval",
-         fmt_with_interval(summary.get("b_noise"), summary.get("b_noise_interval"))),
         ("B_simple measured at initialisation", fmt_num(summary.get("b_simple"))),
         ("points in the fit", fmt_count(summary.get("points"))),
     ]
     stable = [(fmt_count(s.get("batch_size")), fmt_num(s.get("lr_max")), fmt_num(s.get("lr_best")),
                fmt_num(s.get("best_loss"))) for s in inp.of_type("stable")]
-    body = [subheading(inp), h.figure(plot), h.key_values(pairs), reason_note(summary)]
+    body = [subheading(inp), h.figure(plot), _fit_table(summary), h.key_values(pairs), reason_note(summary)]
     if stable:
         header = ("batch size", "largest stable learning rate", "learning rate with the lowest loss", "lowest loss")
         body.append(h.table(header, stable, numeric_from=0))
@@ -155,7 +182,7 @@ def _lr_batch_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
 
 def lr_batch_section(items: Items) -> h.Section:
     """The stable learning rate against batch size (study ``lr-batch``)."""
-    return _section("lr-batch", "Learning rate against batch size", LR_BATCH_TEXT, items, _lr_batch_part)
+    return section("lr-batch", "Learning rate against batch size", LR_BATCH_TEXT, items, _lr_batch_part)
 
 
 def rules_table(rules: Sequence[Dict[str, Any]]) -> str:
@@ -202,12 +229,14 @@ def _recommend_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
 
 def recommend_section(items: Items) -> h.Section:
     """Critical batch size and learning-rate rules (study ``recommend``)."""
-    return _section("recommend", "Recommendation: batch size and learning rate", RECOMMEND_TEXT, items,
+    return section("recommend", "Recommendation: batch size and learning rate", RECOMMEND_TEXT, items,
                     _recommend_part)
 
 
-def _section(anchor: str, title: str, text: str, items: Items, part) -> h.Section:
-    """A section: the explanation, then one part per study file."""
+def section(anchor: str, title: str, text: str, items: Items,
+            part: Callable[[str, Input], Tuple[str, List[Plot]]]) -> h.Section:
+    """A section: the explanation ``text``, then ``part(stem, inp)`` of each study file
+    (its HTML and figures)."""
     body, plots = [h.para(text)], []
     for stem, inp in items:
         html_part, part_plots = part(stem, inp)
@@ -216,5 +245,5 @@ def _section(anchor: str, title: str, text: str, items: Items, part) -> h.Sectio
     return h.Section(anchor, title, "".join(body), plots)
 
 
-__all__ = ["advice", "critical_section", "law_section", "lr_batch_section", "recommend_section",
-           "rules_table", "subheading", "summary_of", "task_of"]
+__all__ = ["advice", "critical_section", "law_section", "lr_batch_section", "reason_note", "recommend_section",
+           "rules_table", "run_of", "section", "subheading", "summary_of", "task_of"]

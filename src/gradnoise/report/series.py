@@ -6,23 +6,22 @@ of the steps that were not skipped. Replaying those EMAs with
 ``T̄ ± 1.96·sqrt(Var T̄)`` for each; the band is dropped when the replay does not match
 the smoothed values in the file (a run continued from a checkpoint, say).
 
-Everything is additive over parameters, and so are the EMAs (they are linear), so the
-smoothed ``B_simple`` of a layer ``"a.b"`` is ``Σ_p tr(Σ_p) / Σ_p |G_p|²`` over its
-parameters ``"a.b.weight"``, ``"a.b.bias"``.
+The per-layer values, with their own replayed 95 % bands, come from
+:mod:`gradnoise.report.layers`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..stats import smoothing
 from .fmt import floats, interval, to_float
+from .layers import MAX_LAYERS, LayerNoise, layer_of, layer_series
 
 Steps = Sequence[Dict[str, Any]]
-MAX_LAYERS = 10
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,8 @@ class NoiseSeries:
             (±inf where unbounded, NaN where undefined).
         bands: ``"trace_cov"``/``"grad_sq_norm"`` -> ``(low, high)`` of the replayed
             95 % band; empty when it could not be replayed.
-        layers: layer name -> smoothed ``B_simple`` of the layer, at most
+        layers: layer name -> its smoothed noise and ``B_simple`` with a 95 % band
+            (:class:`~gradnoise.report.layers.LayerNoise`), at most
             :data:`MAX_LAYERS` layers, largest final ``tr(Σ)`` first.
         n_layers: how many layers the run file has in all.
     """
@@ -49,7 +49,7 @@ class NoiseSeries:
     smoothed: Dict[str, np.ndarray]
     b_band: Tuple[np.ndarray, np.ndarray]
     bands: Dict[str, Tuple[np.ndarray, np.ndarray]]
-    layers: Dict[str, np.ndarray]
+    layers: Dict[str, LayerNoise]
     n_layers: int
 
     @property
@@ -72,14 +72,15 @@ def noise_series(header: Dict[str, Any], steps: Steps) -> NoiseSeries:
     pairs = [interval(s.get("b_simple_interval")) for s in steps]
     low = np.array([p[0] for p in pairs], dtype=np.float64)
     high = np.array([p[1] for p in pairs], dtype=np.float64)
-    layers, n_layers = layer_b_simple(steps)
+    beta = to_float(header.get("beta"))
+    layers, n_layers = layer_series(steps, beta)
     return NoiseSeries(
         step=floats([s.get("step") for s in steps]),
         skipped=np.array([bool(s.get("skipped")) for s in steps], dtype=bool),
         raw={k: _column(steps, "raw", k) for k in KEYS},
         smoothed=smoothed,
         b_band=(low, high),
-        bands=replay_bands(steps, to_float(header.get("beta")), smoothed),
+        bands=replay_bands(steps, beta, smoothed),
         layers=layers,
         n_layers=n_layers,
     )
@@ -118,49 +119,6 @@ def replay_bands(steps: Steps, beta: float, smoothed: Dict[str, np.ndarray]
             for row, key in enumerate(("trace_cov", "grad_sq_norm"))}
 
 
-def layer_of(param: str) -> str:
-    """``"a.b.weight"`` -> ``"a.b"``; a name without a dot is its own layer."""
-    return param.rsplit(".", 1)[0] if "." in param else param
-
-
-def _layer_sums(steps: Steps) -> Dict[str, np.ndarray]:
-    """Layer -> array ``[2, n_steps]`` of summed smoothed ``tr(Σ)`` and ``|G|²``."""
-    names: List[str] = []
-    for s in steps:
-        for name in (s.get("by_param") or {}):
-            if name not in names:
-                names.append(name)
-    sums: Dict[str, np.ndarray] = {}
-    for name in names:
-        part = [((s.get("by_param") or {}).get(name) or {}).get("smoothed") or {} for s in steps]
-        values = np.array([[to_float(p.get("trace_cov")), to_float(p.get("grad_sq_norm"))] for p in part],
-                          dtype=np.float64).reshape(-1, 2).T
-        layer = layer_of(name)
-        sums[layer] = sums[layer] + values if layer in sums else values
-    return sums
-
-
-def layer_b_simple(steps: Steps, limit: int = MAX_LAYERS) -> Tuple[Dict[str, np.ndarray], int]:
-    """Smoothed ``B_simple`` per layer (at most ``limit``, largest final ``tr(Σ)`` first).
-
-    Returns:
-        ``(layers, n_layers)``: layer name -> array ``[n_steps]`` (NaN where the layer's
-        ``|G|² ≤ 0`` or undefined), and the number of layers in the file.
-    """
-    sums = _layer_sums(steps)
-
-    def final_trace(item: Tuple[str, np.ndarray]) -> float:
-        finite = item[1][0][np.isfinite(item[1][0])]
-        return -float(finite[-1]) if finite.size else math.inf
-
-    ranked = sorted(sums.items(), key=final_trace)[:limit]
-    out: Dict[str, np.ndarray] = {}
-    for layer, (t, g) in ranked:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[layer] = np.where(g > 0, t / g, np.nan)
-    return out, len(sums)
-
-
 def last_finite(values: np.ndarray) -> Optional[int]:
     """Index of the last finite entry of a 1-D array, or None."""
     idx = np.flatnonzero(np.isfinite(values))
@@ -171,3 +129,7 @@ def first_finite(values: np.ndarray) -> Optional[int]:
     """Index of the first finite entry of a 1-D array, or None."""
     idx = np.flatnonzero(np.isfinite(values))
     return int(idx[0]) if idx.size else None
+
+
+__all__ = ["KEYS", "MAX_LAYERS", "NoiseSeries", "first_finite", "last_finite", "layer_of", "noise_series",
+           "replay_bands"]

@@ -30,7 +30,7 @@ from ..stats.fits import fit_hyperbolic
 from .output import StudyWriter, num
 from .progress import bar
 from .task import Task
-from .training import batches, diverged, full_loss, sgd_step
+from .training import BLOW_UP, above, batches, diverged, full_loss, sgd_step
 
 
 @dataclass
@@ -50,23 +50,32 @@ class CriticalConfig:
         return cls()
 
 
+def eval_every(cfg: CriticalConfig, b: int) -> int:
+    """Steps between full-data evaluations at batch size ``b`` (the resolution of S)."""
+    return max(1, cfg.eval_examples // b)
+
+
 def _train_to_target(task: Task, b: int, lr: float, seed: int, cfg: CriticalConfig, cap: int):
     """One run; returns ``(steps or None, final loss, B_simple, interval)``; gives up
-    after ``cap`` steps or on divergence."""
+    after ``cap`` steps, when a batch loss blows up or when the full-data loss
+    diverges (:func:`~gradnoise.studies.training.diverged`)."""
     model = task.fresh_model()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     monitor = NoiseMonitor(model, source="per_sample", every=cfg.every)
-    it, ev = batches(task.size, b, gen), max(1, cfg.eval_examples // b)
+    it, ev = batches(task.size, b, gen), eval_every(cfg, b)
     initial, loss, steps = full_loss(model, task), math.nan, None
     try:
         for s in range(1, cap + 1):
-            if diverged(sgd_step(model, opt, task, next(it), monitor), initial):
+            if above(sgd_step(model, opt, task, next(it), monitor), initial, BLOW_UP):
+                loss = math.nan
                 break
             if s % ev == 0 or s == cap:
                 loss = full_loss(model, task)
                 if loss <= cfg.target_loss:
                     steps = s
+                    break
+                if diverged(loss, initial):
                     break
     finally:
         monitor.close()
@@ -98,6 +107,12 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
     """Run the study; writes ``critical-batch-<task>.jsonl``; returns the summary."""
     cfg = config or CriticalConfig.for_size(size)
     sizes = [b for b in cfg.batch_sizes if b <= task.size]
+    initial = full_loss(task.fresh_model(), task)
+    if not initial > cfg.target_loss:
+        raise ValueError(f"the initial loss {initial:.4g} is already at or below the target "
+                         f"{cfg.target_loss:g}; set a lower --target-loss")
+    notes = [f"batch sizes above the {task.size} samples left out: "
+             f"{', '.join(str(b) for b in cfg.batch_sizes if b > task.size)}"] if len(sizes) < len(cfg.batch_sizes) else []
     points: List[Tuple[int, int]] = []
     b_simples: List[float] = []
     with StudyWriter(out, "critical-batch", task.name, seed, size, asdict(cfg)) as w, \
@@ -110,14 +125,27 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
                 steps, lr, b_simple = best
                 w.write("best", batch_size=b, seed=seed + r, lr=lr, steps=steps, examples=steps * b)
                 points.append((b, steps))
+                notes += _edge_notes(b, steps, lr, cfg)
                 if math.isfinite(b_simple):
                     b_simples.append(b_simple)
-        summary = _summary(points, b_simples, cfg, seed)
+        summary = _summary(points, b_simples, cfg, seed, notes)
         w.write("summary", **summary)
     return summary
 
 
-def _summary(points, b_simples, cfg: CriticalConfig, seed: int) -> dict:
+def _edge_notes(b: int, steps: int, lr: float, cfg: CriticalConfig) -> List[str]:
+    """Why one batch size's best run may misstate its steps."""
+    notes = []
+    if steps <= eval_every(cfg, b):
+        notes.append(f"B={b} reached the target at its first evaluation, so S is only the evaluation "
+                     "spacing; set a lower --target-loss")
+    if len(cfg.lrs) > 1 and lr in (max(cfg.lrs), min(cfg.lrs)):
+        notes.append(f"the best rate at B={b} ({lr:g}) is at the edge of the grid; S may be overstated "
+                     "(extend --lrs)")
+    return notes
+
+
+def _summary(points, b_simples, cfg: CriticalConfig, seed: int, notes: List[str]) -> dict:
     out = {"target_loss": cfg.target_loss, "points": len(points), "s_min": None, "e_min": None,
            "b_crit": None, "b_crit_interval": [math.nan, math.nan], "reason": None,
            "b_simple": num(statistics.median(b_simples)) if b_simples else None,
@@ -125,9 +153,11 @@ def _summary(points, b_simples, cfg: CriticalConfig, seed: int) -> dict:
     try:
         fit = fit_hyperbolic([b for b, _ in points], [s for _, s in points], s=1.0, seed=seed)
     except ValueError as e:
-        out["reason"] = f"no fit: {e}"
+        out["reason"] = "; ".join(dict.fromkeys(notes + [f"no fit: {e}"]))
         return out
     out.update(s_min=fit.a, e_min=fit.a * fit.c, b_crit=fit.c, b_crit_interval=list(fit.interval), rms=fit.rms)
-    if fit.at_bound:
-        out["reason"] = "B_crit lies outside the swept batch sizes; widen the sweep"
+    swept = [b for b, _ in points]
+    if not min(swept) <= fit.c <= max(swept):
+        notes.append(f"B_crit lies outside the swept batch sizes {min(swept)}–{max(swept)}; widen the sweep")
+    out["reason"] = "; ".join(dict.fromkeys(notes)) or None
     return out

@@ -90,7 +90,7 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
         for checkpoint in ("init", "trained"):
             if checkpoint == "trained":
                 opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-                it = batches(task.size, cfg.train_batch, gen)
+                it = batches(task.size, min(cfg.train_batch, task.size // 2), gen)
                 for _ in range(cfg.train_steps):
                     sgd_step(model, opt, task, next(it))
                     progress.update(1)

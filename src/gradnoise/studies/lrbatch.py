@@ -1,21 +1,24 @@
 """Study ``lr-batch``: which learning rates train, at which batch size.
 
 A grid of batch sizes × learning rates; each cell trains SGD for ``steps`` steps from
-the same initial weights and records the full-data loss at the end. A cell *fails*
-(diverges) when a batch loss exceeds three times the initial loss or becomes NaN/inf,
-or when the final loss is no lower than the initial one (the run went nowhere). Rates
-are tried upwards; after two failures in a row the larger ones are not run (marked
-failed, ``skipped``). For each batch size the largest rate that did not fail
+the same initial weights and records the full-data loss at the end. A cell *diverges*
+when a batch loss blows up (NaN/inf, or 100× the initial loss) or the final full-data
+loss is NaN/inf or above three times the initial one; it made *no progress* when it
+stayed finite but ended less than 0.1 % below where it started (too small a rate, or
+stuck). Rates
+are tried upwards; after two divergences in a row the larger ones are not run (marked
+diverged, ``skipped``). For each batch size the largest rate that did not diverge
 (``lr_max``) and the rate with the lowest final loss (``lr_best``) are compared with
 McCandlish et al.'s (2018) law for the best step size,
 
     ε(B) = ε_max / (1 + B_noise/B),
 
-fitted to ``lr_best`` (:func:`gradnoise.stats.fits.fit_hyperbolic`, ``s = −1``): the
-best rate grows almost linearly with ``B`` while ``B ≪ B_noise`` and saturates at
-``ε_max`` beyond. The largest stable rate is often set by curvature (``ε < 2/λ_max``)
-rather than by noise, and then barely moves with ``B``. ``B_simple`` at
-initialisation (exact, from all samples) is reported beside the fitted ``B_noise``.
+fitted to ``lr_best`` and, separately, to ``lr_max``
+(:func:`gradnoise.stats.fits.fit_hyperbolic`, ``s = −1``): the best rate grows almost
+linearly with ``B`` while ``B ≪ B_noise`` and saturates at ``ε_max`` beyond. The
+largest stable rate is often set by curvature (``ε < 2/λ_max``) rather than by noise,
+and then barely moves with ``B``. ``B_simple`` at initialisation (exact, from all
+samples) is reported beside the fitted ``B_noise``.
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ from .task import Task
 from .training import full_loss, full_noise, train_sgd
 
 
+PROGRESS = 1e-3  # a run must lower the loss by this fraction of the initial loss
+
+
 @dataclass
 class LrBatchConfig:
     batch_sizes: List[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 512])
@@ -45,49 +51,74 @@ class LrBatchConfig:
         return cls()
 
 
+def _row(task: Task, b: int, cfg: LrBatchConfig, seed: int, initial: float, w: StudyWriter, progress):
+    """Every rate at batch size ``b``, upwards; writes ``cell`` lines and the ``stable``
+    line; returns ``(lr_max, lr_best)`` (None where no rate qualifies)."""
+    lr_max, best, blowups = None, (math.inf, None), 0
+    for lr in sorted(cfg.lrs):
+        skip = blowups >= 2
+        final, blew = (math.nan, True) if skip else train_sgd(
+            task.fresh_model(), task, b, lr, cfg.steps, torch.Generator().manual_seed(seed), initial)
+        stuck = not blew and not final < initial - PROGRESS * abs(initial)
+        w.write("cell", batch_size=b, lr=lr, final_loss=num(final), diverged=blew, no_progress=stuck, skipped=skip)
+        blowups = blowups + 1 if blew else 0
+        if not blew:
+            lr_max = lr
+            if not stuck:
+                best = min(best, (final, lr))
+        progress.update(1)
+    w.write("stable", batch_size=b, lr_max=lr_max, lr_best=best[1], best_loss=num(best[0]))
+    return lr_max, best[1]
+
+
 def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = False,
         config: LrBatchConfig = None) -> dict:
     """Run the study; writes ``lr-batch-<task>.jsonl``; returns the summary."""
     cfg = config or LrBatchConfig.for_size(size)
     sizes = [b for b in cfg.batch_sizes if b <= task.size]
+    notes = [f"batch sizes above the {task.size} samples left out"] if len(sizes) < len(cfg.batch_sizes) else []
     model0 = task.fresh_model()
     initial = full_loss(model0, task)
     b_simple0 = full_noise(model0, task)["b_simple"]
-    stable_b, stable_lr = [], []
+    rows = []
     with StudyWriter(out, "lr-batch", task.name, seed, size, asdict(cfg)) as w, \
             bar(len(sizes) * len(cfg.lrs), f"lr-batch {task.name}", quiet) as progress:
         for b in sizes:
-            lr_max, best, fails = None, (math.inf, None), 0
-            for lr in sorted(cfg.lrs):
-                skip = fails >= 2
-                final, failed = (math.nan, True) if skip else train_sgd(
-                    task.fresh_model(), task, b, lr, cfg.steps, torch.Generator().manual_seed(seed), initial)
-                failed = failed or not final < initial
-                w.write("cell", batch_size=b, lr=lr, final_loss=num(final), diverged=failed, skipped=skip)
-                fails = fails + 1 if failed else 0
-                if not failed:
-                    lr_max, best = lr, min(best, (final, lr))
-                progress.update(1)
-            w.write("stable", batch_size=b, lr_max=lr_max, lr_best=best[1], best_loss=num(best[0]))
-            if best[1] is not None:
-                stable_b.append(b)
-                stable_lr.append(best[1])
-        summary = _summary(stable_b, stable_lr, b_simple0, max(cfg.lrs), seed)
+            rows.append((b, *_row(task, b, cfg, seed, initial, w, progress)))
+        summary = _summary(rows, b_simple0, cfg.lrs, seed, notes)
         w.write("summary", **summary)
     return summary
 
 
-def _summary(bs, lrs, b_simple0: float, top: float, seed: int) -> dict:
-    out = {"eps_max": None, "b_noise": None, "b_noise_interval": [math.nan, math.nan],
-           "b_simple": num(b_simple0), "points": len(bs), "reason": None}
+def _fit(points, seed: int):
+    """The law fitted to ``[(B, lr)]``, or the reason there is none."""
     try:
-        fit = fit_hyperbolic(bs, lrs, s=-1.0, seed=seed)
+        return fit_hyperbolic([b for b, _ in points], [lr for _, lr in points], s=-1.0, seed=seed), None
     except ValueError as e:
-        out["reason"] = f"no fit: {e}"
-        return out
-    out.update(eps_max=fit.a, b_noise=fit.c, b_noise_interval=list(fit.interval), rms=fit.rms)
-    if any(lr >= top for lr in lrs):
-        out["reason"] = "the largest rate of the grid was the best at some batch size; extend the grid upwards"
-    elif fit.at_bound:
-        out["reason"] = "B_noise lies outside the swept batch sizes"
+        return None, f"no fit: {e}"
+
+
+def _summary(rows, b_simple0: float, grid, seed: int, notes) -> dict:
+    """Both fits (to the best and to the largest stable rates) and their notes."""
+    best = [(b, lr) for b, _, lr in rows if lr is not None]
+    stable = [(b, lr) for b, lr, _ in rows if lr is not None]
+    out = {"eps_max": None, "b_noise": None, "b_noise_interval": [math.nan, math.nan], "stable_fit": None,
+           "b_simple": num(b_simple0), "points": len(best)}
+    fit, why = _fit(best, seed)
+    if fit is not None:
+        out.update(eps_max=fit.a, b_noise=fit.c, b_noise_interval=list(fit.interval), rms=fit.rms)
+        if not min(b for b, _ in best) <= fit.c <= max(b for b, _ in best):
+            notes.append("B_noise lies outside the swept batch sizes")
+    else:
+        notes.append(why)
+    sfit, _ = _fit(stable, seed)
+    if sfit is not None:
+        out["stable_fit"] = {"eps_max": sfit.a, "b_noise": sfit.c, "b_noise_interval": list(sfit.interval),
+                             "rms": sfit.rms}
+    if any(lr >= max(grid) for _, lr in best):
+        notes.append("the largest rate of the grid was the best at some batch size; extend the grid upwards")
+    if any(lr >= max(grid) for _, lr in stable):
+        notes.append("the largest rate of the grid was stable at some batch size, so the largest stable "
+                     "rates are lower bounds")
+    out["reason"] = "; ".join(notes) or None
     return out

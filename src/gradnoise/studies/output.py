@@ -43,8 +43,8 @@ with unbounded ends written ``"inf"`` / ``"-inf"``):
 ``lr-batch``
     ``cell``: ``{"batch_size", "lr", "final_loss", "diverged", "no_progress",
     "skipped"}`` — ``diverged``: the run blew up (NaN/inf, or a loss far above the
-    initial one); ``no_progress``: it stayed finite but ended no lower than it started
-    (too small a rate, or stuck); ``skipped``: not run, since the two rates below it
+    initial one); ``no_progress``: it stayed finite but ended less than 0.1 % below its
+    start (too small a rate, or stuck); ``skipped``: not run, since the two rates below it
     already diverged (counted as diverged). ``stable``: ``{"batch_size", "lr_max",
     "lr_best", "best_loss"}`` — the largest rate of the grid that did not diverge and
     the rate with the lowest final loss among those that made progress (``null`` if

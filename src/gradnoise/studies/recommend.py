@@ -34,7 +34,10 @@ def run(run_file: "os.PathLike[str] | str", out, seed: int = 0, size: str = "def
             has no steps.
     """
     header, steps = read_run(run_file)
-    rec = advise(steps, batch_size=batch_size, to_batches=to_batches)
+    try:
+        rec = advise(steps, batch_size=batch_size, to_batches=to_batches)
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(run_file)}: {e}") from None
     with StudyWriter(out, "recommend", run_name(run_file), seed, size,
                      {"run_file": os.fspath(run_file), "source": header.get("source")}) as w:
         summary = {"run_file": os.fspath(run_file), **rec}

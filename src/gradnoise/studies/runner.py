@@ -55,6 +55,7 @@ class Outcome:
     task: str
     summary: dict
     seconds: float
+    error: Optional[str] = None   # why the study failed on this task (its summary is then {})
 
 
 def check_studies(names: Sequence[str]) -> List[str]:
@@ -67,33 +68,52 @@ def check_studies(names: Sequence[str]) -> List[str]:
 
 def run_studies(names: Sequence[str], task_specs: Sequence[str], out, seed: int = 0, size: str = "default",
                 quiet: bool = False, overrides: Optional[Overrides] = None,
-                run_files: Sequence[str] = ()) -> List[Outcome]:
+                run_files: Sequence[str] = (), keep_going: bool = True) -> List[Outcome]:
     """Run the studies; every file lands in ``out``. Returns one :class:`Outcome` per
     study and task, in the order run.
 
+    A study that fails on a task (e.g. a model the per-sample engine refuses) is recorded
+    with its error and the others go on, unless ``keep_going`` is False.
+
     Raises:
-        ValueError: an unknown study or task, a task that fails to load, or
-            ``recommend`` with no run file to read.
+        ValueError: an unknown study, an unknown or duplicate task, a task that fails
+            to load, or ``recommend`` with no run file to read.
     """
     studies = check_studies(names)
     overrides = overrides or Overrides()
     default = not task_specs
     tasks: List[Task] = [load(spec, seed) for spec in (task_specs or DEFAULT_TASKS)]
+    names_seen = [t.name for t in tasks]
+    if len(set(names_seen)) < len(names_seen):
+        raise ValueError(f"two tasks share a name ({', '.join(names_seen)}); their files would overwrite "
+                         "each other")
     out = Path(out)
     outcomes: List[Outcome] = []
     for study in studies:
         if study == "recommend":
             continue
         for i, task in enumerate(tasks):
-            if default and study in SWEEPS and i > 0:
-                continue
-            t0 = time.perf_counter()
-            summary = RUNNERS[study](task, out, seed=seed, size=size, quiet=quiet,
-                                     config=overrides.config(study, size))
-            outcomes.append(Outcome(study, task.name, summary, time.perf_counter() - t0))
+            if not (default and study in SWEEPS and i > 0):
+                outcomes.append(_one(study, task.name, keep_going, RUNNERS[study], task, out, seed=seed,
+                                     size=size, quiet=quiet, config=overrides.config(study, size)))
     if "recommend" in studies:
-        outcomes += _recommend(run_files or _trajectory_runs(out, tasks), out, seed, size)
+        for f in run_files or _trajectory_runs(out, tasks):
+            outcomes.append(_one("recommend", recommend.run_name(f), keep_going, recommend.run, f, out,
+                                 seed=seed, size=size))
     return outcomes
+
+
+def _one(study: str, task: str, keep_going: bool, fn: Callable, *args, **kwargs) -> Outcome:
+    """Run one study on one task, timing it; a failure becomes the outcome's error."""
+    t0 = time.perf_counter()
+    try:
+        summary = fn(*args, **kwargs)
+    except Exception as e:
+        if not keep_going:
+            raise
+        why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        return Outcome(study, task, {}, time.perf_counter() - t0, why)
+    return Outcome(study, task, summary, time.perf_counter() - t0)
 
 
 def _trajectory_runs(out: Path, tasks: Sequence[Task]) -> List[Path]:
@@ -103,15 +123,6 @@ def _trajectory_runs(out: Path, tasks: Sequence[Task]) -> List[Path]:
         raise ValueError("recommend needs a run file: pass --run RUN.jsonl, or run it together with "
                          "trajectory (gradnoise study trajectory recommend)")
     return found
-
-
-def _recommend(files: Sequence, out: Path, seed: int, size: str) -> List[Outcome]:
-    outcomes = []
-    for f in files:
-        t0 = time.perf_counter()
-        summary = recommend.run(f, out, seed=seed, size=size)
-        outcomes.append(Outcome("recommend", recommend.run_name(f), summary, time.perf_counter() - t0))
-    return outcomes
 
 
 def study_files(out) -> List[Path]:

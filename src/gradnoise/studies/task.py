@@ -99,12 +99,19 @@ def _import(name: str):
     """A module by dotted name (the current folder is searched too, as ``python -m``
     does) or by file path ``path/to/file.py``."""
     if name.endswith(".py"):
-        path = Path(name)
+        path = Path(name).resolve()
         if not path.is_file():
             raise FileNotFoundError(f"no such file {name}")
+        if str(path.parent) not in sys.path:  # its sibling modules import as in `python file.py`
+            sys.path.insert(0, str(path.parent))
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        sys.modules[path.stem] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(path.stem, None)
+            raise
         return module
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())

@@ -55,39 +55,59 @@ def flat_grad(model: nn.Module) -> torch.Tensor:
                       for p in model.parameters() if p.requires_grad])
 
 
-def full_noise(model: nn.Module, task: Task) -> Dict[str, float]:
+def full_noise(model: nn.Module, task: Task, chunk: int = 1024) -> Dict[str, float]:
     """Exact full-data quantities at the current parameters, from the per-sample engine.
 
     With per-sample gradients ``g_i`` of all ``N`` samples and ``∇J = (1/N) Σ g_i``:
     ``trace_cov = (1/N) Σ ||g_i||² − ||∇J||²`` (the population variance),
-    ``grad_sq_norm = ||∇J||²``, ``b_simple`` their ratio, and ``loss = J``. Leaves
-    ``p.grad`` holding ``∇J`` (see :func:`flat_grad`).
+    ``grad_sq_norm = ||∇J||²``, ``b_simple`` their ratio, and ``loss = J``. The data
+    pass through one capture in chunks of ``chunk`` samples, each chunk's mean loss
+    scaled by its share ``n_c/N`` (gradient accumulation), so memory stays that of one
+    chunk. Leaves ``p.grad`` holding ``∇J`` (see :func:`flat_grad`).
     """
-    x = task.x
+    n, total = task.size, 0.0
     model.zero_grad(set_to_none=True)
     with capture(model, reduction="mean") as cap:
-        loss = task.loss_fn(model(x), task.y)
-        loss.backward()
-    mean_sq = sum(float(v.double().sum()) for v in cap.per_sample_sq_norms.values()) / len(x)
+        for i in range(0, n, chunk):
+            xb, yb = task.x[i:i + chunk], task.y[i:i + chunk]
+            loss = task.loss_fn(model(xb), yb) * (len(xb) / n)
+            loss.backward()
+            total += float(loss.detach())
+    mean_sq = sum(float(v.double().sum()) for v in cap.per_sample_sq_norms.values()) / n
     g2 = float(flat_grad(model).double().square().sum())
     trace = mean_sq - g2
-    return {"loss": float(loss.detach()), "trace_cov": trace, "grad_sq_norm": g2,
+    return {"loss": total, "trace_cov": trace, "grad_sq_norm": g2,
             "b_simple": trace / g2 if g2 > 0 else math.nan}
 
 
-def diverged(loss: float, initial: float, factor: float = 3.0) -> bool:
-    """A loss that is not finite or has grown past ``factor`` times the initial loss."""
-    return not math.isfinite(loss) or loss > factor * initial
+BLOW_UP = 100.0   # a batch loss this many times the initial loss ends a run at once
+DIVERGED = 3.0    # a full-data loss this many times the initial loss counts as diverged
+
+
+def above(loss: float, initial: float, factor: float) -> bool:
+    """``loss`` is NaN/inf or above ``initial + (factor − 1)·|initial|`` (``factor``
+    times the initial loss when it is positive; sensible for negative losses too)."""
+    return not math.isfinite(loss) or loss > initial + (factor - 1.0) * abs(initial)
+
+
+def diverged(loss: float, initial: float) -> bool:
+    """A full-data loss that is not finite or has grown past :data:`DIVERGED` times the
+    initial loss."""
+    return above(loss, initial, DIVERGED)
 
 
 def train_sgd(model: nn.Module, task: Task, batch_size: int, lr: float, steps: int,
-              generator: torch.Generator, initial: float, momentum: float = 0.0) -> Tuple[float, bool]:
-    """``steps`` SGD steps; returns ``(full-data loss at the end, diverged)``. Stops
-    early as soon as a batch loss diverges (:func:`diverged`)."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+              generator: torch.Generator, initial: float) -> Tuple[float, bool]:
+    """``steps`` SGD steps; returns ``(full-data loss at the end, diverged)``.
+
+    One batch's loss is a noisy measure (heavy-tailed losses make single batches large
+    at any rate), so a run stops early only when a batch loss blows up (NaN/inf or
+    :data:`BLOW_UP` times the initial loss); otherwise divergence is judged on the
+    full-data loss at the end (:func:`diverged`)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     it = batches(task.size, batch_size, generator)
     for _ in range(steps):
-        if diverged(sgd_step(model, opt, task, next(it)), initial):
+        if above(sgd_step(model, opt, task, next(it)), initial, BLOW_UP):
             return math.nan, True
     final = full_loss(model, task)
     return final, diverged(final, initial)

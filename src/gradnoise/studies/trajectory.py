@@ -5,9 +5,10 @@ measures every ``every``-th step, writing its standard run file
 ``trajectory-<task>.run.jsonl`` (format ``gradnoise-run``): ``tr(Σ)``, ``|G|²`` and
 ``B_simple = tr(Σ)/|G|²``, raw and smoothed, total and per parameter, with the 95 %
 interval of the smoothed ``B_simple``. The study file beside it holds the loss of every
-step and the full-data loss every ``eval_every`` steps. Typically ``|G|²`` falls faster
-than ``tr(Σ)`` as the loss falls, so the noise scale — the batch size worth using —
-grows during training (McCandlish et al., 2018, §3).
+step and the full-data loss every ``eval_every`` steps. McCandlish et al. (2018, §3)
+report that ``|G|²`` falls faster than ``tr(Σ)`` as the loss falls, so that the noise
+scale — the batch size worth using — grows during training; this study shows whether
+it does on your task.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
     monitor = NoiseMonitor(model, source="per_sample", sinks=[JsonlSink(run_path)], every=cfg.every, beta=cfg.beta)
     first = last = None
     loss = math.nan
-    it = batches(task.size, cfg.batch_size, gen)
+    it = batches(task.size, min(cfg.batch_size, task.size // 2), gen)  # small data sets: half of it
     with StudyWriter(out, "trajectory", task.name, seed, size, {**asdict(cfg), "run_file": run_path.name}) as w, \
             bar(cfg.steps, f"trajectory {task.name}", quiet) as progress:
         try:
