@@ -103,7 +103,8 @@ def test_critical_batch_refuses_a_target_already_met(toy, tmp_path):
 
 def test_critical_batch_notes_a_best_rate_at_the_grid_edge():
     cfg = critical.CriticalConfig(lrs=[0.8, 0.4, 0.2], eval_examples=64)
-    notes = critical._edge_notes(16, 100, 0.8, cfg)
-    assert len(notes) == 1 and "edge of the grid" in notes[0]
-    assert "first evaluation" in critical._edge_notes(16, 4, 0.4, cfg)[0]
-    assert critical._edge_notes(16, 100, 0.4, cfg) == []
+    notes = critical._edge_notes([(16, 100, 0.8), (64, 50, 0.8), (32, 80, 0.4)], cfg)
+    assert notes == ["the best rate at B=16, 64 is the top of the grid (0.8), so S may be overstated there "
+                     "(extend --lrs)"]
+    assert "first evaluation" in critical._edge_notes([(16, 4, 0.4)], cfg)[0]
+    assert critical._edge_notes([(16, 100, 0.4)], cfg) == []

@@ -36,7 +36,7 @@ from .training import BLOW_UP, above, batches, diverged, full_loss, sgd_step
 @dataclass
 class CriticalConfig:
     batch_sizes: List[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 512])
-    lrs: List[float] = field(default_factory=lambda: [0.8, 0.4, 0.2, 0.1])  # large first: cheap cut-offs
+    lrs: List[float] = field(default_factory=lambda: [1.6, 0.8, 0.4, 0.2, 0.1])  # large first: cheap cut-offs
     seeds: int = 2
     target_loss: float = 0.2
     max_steps: int = 600
@@ -114,6 +114,7 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
     notes = [f"batch sizes above the {task.size} samples left out: "
              f"{', '.join(str(b) for b in cfg.batch_sizes if b > task.size)}"] if len(sizes) < len(cfg.batch_sizes) else []
     points: List[Tuple[int, int]] = []
+    bests: List[Tuple[int, int, float]] = []
     b_simples: List[float] = []
     with StudyWriter(out, "critical-batch", task.name, seed, size, asdict(cfg)) as w, \
             bar(len(sizes) * cfg.seeds * len(cfg.lrs), f"critical-batch {task.name}", quiet) as progress:
@@ -125,23 +126,26 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
                 steps, lr, b_simple = best
                 w.write("best", batch_size=b, seed=seed + r, lr=lr, steps=steps, examples=steps * b)
                 points.append((b, steps))
-                notes += _edge_notes(b, steps, lr, cfg)
+                bests.append((b, steps, lr))
                 if math.isfinite(b_simple):
                     b_simples.append(b_simple)
-        summary = _summary(points, b_simples, cfg, seed, notes)
+        summary = _summary(points, b_simples, cfg, seed, notes + _edge_notes(bests, cfg))
         w.write("summary", **summary)
     return summary
 
 
-def _edge_notes(b: int, steps: int, lr: float, cfg: CriticalConfig) -> List[str]:
-    """Why one batch size's best run may misstate its steps."""
+def _edge_notes(best: List[Tuple[int, int, float]], cfg: CriticalConfig) -> List[str]:
+    """Why some batch sizes' best runs ``[(B, S, lr)]`` may misstate their steps."""
     notes = []
-    if steps <= eval_every(cfg, b):
-        notes.append(f"B={b} reached the target at its first evaluation, so S is only the evaluation "
-                     "spacing; set a lower --target-loss")
-    if len(cfg.lrs) > 1 and lr in (max(cfg.lrs), min(cfg.lrs)):
-        notes.append(f"the best rate at B={b} ({lr:g}) is at the edge of the grid; S may be overstated "
-                     "(extend --lrs)")
+    first = sorted({b for b, s, _ in best if s <= eval_every(cfg, b)})
+    if first:
+        notes.append(f"B={', '.join(map(str, first))} reached the target at the first evaluation, so S is "
+                     "only the evaluation spacing; set a lower --target-loss")
+    for edge, where in ((max(cfg.lrs), "top"), (min(cfg.lrs), "bottom")):
+        at = sorted({b for b, _, lr in best if lr == edge})
+        if at and len(cfg.lrs) > 1:
+            notes.append(f"the best rate at B={', '.join(map(str, at))} is the {where} of the grid ({edge:g}), "
+                         "so S may be overstated there (extend --lrs)")
     return notes
 
 

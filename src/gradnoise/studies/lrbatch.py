@@ -7,8 +7,10 @@ loss is NaN/inf or above three times the initial one; it made *no progress* when
 stayed finite but ended less than 0.1 % below where it started (too small a rate, or
 stuck). Rates
 are tried upwards; after two divergences in a row the larger ones are not run (marked
-diverged, ``skipped``). For each batch size the largest rate that did not diverge
-(``lr_max``) and the rate with the lowest final loss (``lr_best``) are compared with
+diverged, ``skipped``). For each batch size the largest rate that trained — neither
+diverged nor stalled (``lr_max``; a large rate that leaves the model stuck, e.g. with
+dead ReLUs, is not stable in any useful sense) — and the rate with the lowest final
+loss (``lr_best``) are compared with
 McCandlish et al.'s (2018) law for the best step size,
 
     ε(B) = ε_max / (1 + B_noise/B),
@@ -41,7 +43,7 @@ PROGRESS = 1e-3  # a run must lower the loss by this fraction of the initial los
 @dataclass
 class LrBatchConfig:
     batch_sizes: List[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 512])
-    lrs: List[float] = field(default_factory=lambda: [round(0.1 * 2 ** (k / 2), 4) for k in range(11)])
+    lrs: List[float] = field(default_factory=lambda: [round(0.1 * 2 ** (k / 2), 4) for k in range(13)])
     steps: int = 100
 
     @classmethod
@@ -62,10 +64,8 @@ def _row(task: Task, b: int, cfg: LrBatchConfig, seed: int, initial: float, w: S
         stuck = not blew and not final < initial - PROGRESS * abs(initial)
         w.write("cell", batch_size=b, lr=lr, final_loss=num(final), diverged=blew, no_progress=stuck, skipped=skip)
         blowups = blowups + 1 if blew else 0
-        if not blew:
-            lr_max = lr
-            if not stuck:
-                best = min(best, (final, lr))
+        if not blew and not stuck:
+            lr_max, best = lr, min(best, (final, lr))
         progress.update(1)
     w.write("stable", batch_size=b, lr_max=lr_max, lr_best=best[1], best_loss=num(best[0]))
     return lr_max, best[1]

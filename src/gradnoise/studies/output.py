@@ -46,9 +46,9 @@ with unbounded ends written ``"inf"`` / ``"-inf"``):
     initial one); ``no_progress``: it stayed finite but ended less than 0.1 % below its
     start (too small a rate, or stuck); ``skipped``: not run, since the two rates below it
     already diverged (counted as diverged). ``stable``: ``{"batch_size", "lr_max",
-    "lr_best", "best_loss"}`` — the largest rate of the grid that did not diverge and
-    the rate with the lowest final loss among those that made progress (``null`` if
-    none). ``summary``: ``{"eps_max", "b_noise", "b_noise_interval", "rms",
+    "lr_best", "best_loss"}`` — the largest rate of the grid that trained (neither
+    diverged nor made no progress) and the rate with the lowest final loss (``null``
+    if none). ``summary``: ``{"eps_max", "b_noise", "b_noise_interval", "rms",
     "stable_fit", "b_simple", "points", "reason"}`` — the fit
     ``ε(B) = ε_max/(1 + B_noise/B)`` to ``lr_best``; ``stable_fit`` is the same law
     fitted to ``lr_max`` (``{"eps_max", "b_noise", "b_noise_interval", "rms"}``, or
