@@ -31,8 +31,10 @@ def line(study: str, task: str, s: dict) -> str:
         return head + (f"B_crit {_f(s['b_crit'])} {_interval(s['b_crit_interval'])} from {s['points']} runs; "
                        f"B_simple measured along the way {_f(s['b_simple'])}" + _reason(s.get("reason")))
     if study == "lr-batch":
-        return head + (f"ε(B) = {_f(s['eps_max'])}/(1 + {_f(s['b_noise'])}/B), B_noise "
-                       f"{_interval(s['b_noise_interval'])}; B_simple at init {_f(s['b_simple'])}"
+        stable = s.get("stable_fit") or {}
+        return head + (f"best rate ε(B) = {_f(s['eps_max'])}/(1 + {_f(s['b_noise'])}/B), B_noise "
+                       f"{_interval(s['b_noise_interval'])}; largest stable rate: B_noise {_f(stable.get('b_noise'))} "
+                       f"{_interval(stable.get('b_noise_interval'))}; B_simple at init {_f(s['b_simple'])}"
                        + _reason(s.get("reason")))
     if study == "recommend":
         rules = "; ".join(f"B={r['to_batch']}: ×{_f(r['linear'])}/×{_f(r['sqrt'])}/×{_f(r['adascale'])}"
