@@ -15,6 +15,7 @@ from typing import List, Optional
 
 from .studies.models import MODELS
 from .studies.output import STUDIES
+from .studies.summary import fmt
 
 DEFAULT_OUT = "gradnoise-report"
 
@@ -81,10 +82,6 @@ def _ints(text: str) -> List[int]:
     return [int(v) for v in vals]
 
 
-def _fmt(v, spec: str = ".3g") -> str:
-    return "—" if v is None else format(v, spec)
-
-
 def print_measure(r: dict, out=None) -> None:
     """The per-layer table of :func:`gradnoise.studies.measure.measure`."""
     out = out or sys.stdout
@@ -97,8 +94,8 @@ def print_measure(r: dict, out=None) -> None:
         if row["layer"] == "total":
             print("-" * len(head), file=out)
         share = "—" if row["noise_share"] is None else f"{100 * row['noise_share']:.1f} %"
-        print(f"{row['layer']:<28}{row['params']:>9,}{_fmt(row['trace_cov']):>12}"
-              f"{_fmt(row['grad_sq_norm']):>12}{_fmt(row['b_simple']):>11}{share:>13}", file=out)
+        print(f"{row['layer']:<28}{row['params']:>9,}{fmt(row['trace_cov']):>12}"
+              f"{fmt(row['grad_sq_norm']):>12}{fmt(row['b_simple']):>11}{share:>13}", file=out)
     print("\ntr(Σ): variance of one sample's gradient; |G|²: squared norm of the true gradient;", file=out)
     print("B_simple = tr(Σ)/|G|²: batches much larger than it buy little (McCandlish et al. 2018).", file=out)
     if r["total"]["reason"]:
