@@ -19,17 +19,21 @@ def test_noise_free_points_give_the_parameters_back(s, a, c):
 
 
 def test_bootstrap_interval_covers_the_truth_in_most_seeded_trials():
-    """95 % residual-bootstrap interval over 60 noisy data sets: coverage 80–100 %
-    (the residual bootstrap is known to under-cover a little with 7 points)."""
+    """95 % residual-bootstrap interval over 60 noisy data sets: coverage 80–97 %
+    (the residual bootstrap under-covers a little with 7 points; 88 % over 200 sets),
+    and not bought with useless width: the median interval spans less than a factor 2
+    at 10 % noise (an interval of (0, inf) would cover every time)."""
     rng = np.random.default_rng(0)
-    hits = 0
+    hits, ratios = 0, []
     for trial in range(60):
         y = 300 * (1 + 60 / B) * np.exp(rng.normal(0, 0.1, len(B)))
         fit = fit_hyperbolic(B, y, s=1.0, n_boot=300, seed=trial)
         lo, hi = fit.interval
         assert lo <= fit.c <= hi
         hits += lo <= 60 <= hi
-    assert 48 <= hits <= 60
+        ratios.append(hi / lo)
+    assert 48 <= hits <= 58
+    assert 1.1 < float(np.median(ratios)) < 2.0
 
 
 def test_a_flat_law_puts_c_at_the_bound():

@@ -43,9 +43,13 @@ def test_trajectory_writes_a_monitor_run_file_and_the_losses(toy, tmp_path):
     assert all(r["batch_size"] == 16 for r in recs)
     assert summary["final_loss"] == pytest.approx(steps[-1]["full_loss"])
     assert steps[-1]["full_loss"] < steps[0]["full_loss"]  # it trained
-    # running it again starts a fresh run file instead of appending to the old one
+    # running it again starts a fresh run file; the old files move to previous/, intact
+    old = {p.name: p.read_bytes() for p in tmp_path.glob("trajectory-toy*.jsonl")}
     trajectory.run(toy, tmp_path, seed=1, config=cfg)
     assert len(gradnoise.read_run(tmp_path / "trajectory-toy.run.jsonl")[1]) == 10
+    kept = sorted((tmp_path / "previous").iterdir())
+    assert [p.name.split(".")[0] for p in kept] == ["trajectory-toy", "trajectory-toy"]
+    assert sorted(p.read_bytes() for p in kept) == sorted(old.values())
 
 
 def test_critical_batch_fits_the_runs_it_wrote(toy, tmp_path):

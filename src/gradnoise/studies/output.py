@@ -2,7 +2,9 @@
 
 Format ``gradnoise-study`` version 1: JSON Lines, one object per line, each with a
 ``type``. A study on one task writes ``<out>/<study>-<task>.jsonl``; lines are appended
-and flushed as they are produced, so a killed study leaves a readable prefix. The first
+and flushed as they are produced, so a killed study leaves a readable prefix. A file
+left by an earlier study of the same name is moved to ``<out>/previous/`` first
+(:func:`set_aside`), never overwritten. The first
 line is the header::
 
     {"type": "header", "format": "gradnoise-study", "version": 1, "study": "law",
@@ -91,6 +93,22 @@ def json_safe(v: Any) -> Any:
     return v
 
 
+def set_aside(path: Path) -> None:
+    """Move an existing ``path`` into ``previous/`` beside it, named with its time of
+    last change, so a new study never overwrites or deletes an earlier one's data."""
+    if not path.exists():
+        return
+    stamp = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y%m%dT%H%M%S")
+    name = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+    dest = path.parent / "previous" / f"{name}.{stamp}.jsonl"
+    dest.parent.mkdir(exist_ok=True)
+    i = 1
+    while dest.exists():  # two studies within one second
+        dest = dest.with_name(f"{name}.{stamp}-{i}.jsonl")
+        i += 1
+    os.replace(path, dest)
+
+
 class StudyWriter:
     """Appends the lines of one study file, flushing each.
 
@@ -105,7 +123,8 @@ class StudyWriter:
                  config: Dict[str, Any]):
         Path(out).mkdir(parents=True, exist_ok=True)
         self.path = Path(out) / f"{study}-{task}.jsonl"
-        self._f = open(self.path, "w", encoding="utf-8")  # a fresh study replaces its own old file
+        set_aside(self.path)  # an earlier study's file goes to previous/, never overwritten
+        self._f = open(self.path, "x", encoding="utf-8")
         self.write("header", format=FORMAT, version=VERSION, study=study, task=task, seed=seed, size=size,
                    config=config, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 

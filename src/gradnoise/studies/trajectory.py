@@ -20,7 +20,7 @@ import torch
 
 from ..monitor import NoiseMonitor
 from ..monitor.sinks import JsonlSink
-from .output import StudyWriter, num
+from .output import StudyWriter, num, set_aside
 from .progress import bar
 from .task import Task
 from .training import batches, full_loss, sgd_step
@@ -49,7 +49,7 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
     gen = torch.Generator().manual_seed(seed)
     run_path = Path(out) / f"trajectory-{task.name}.run.jsonl"
     Path(out).mkdir(parents=True, exist_ok=True)
-    run_path.unlink(missing_ok=True)  # a new study starts a new run file; the monitor appends
+    set_aside(run_path)  # a new study starts a new run file (the old one goes to previous/)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     monitor = NoiseMonitor(model, source="per_sample", sinks=[JsonlSink(run_path)], every=cfg.every, beta=cfg.beta)
     first = last = None
