@@ -9,21 +9,27 @@ removed on exit, also when the block raises.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections import Counter
-from typing import Callable, Dict, Iterable, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
+from torch.utils._pytree import tree_flatten
+
 from .. import stats as _stats
 from ..errors import CaptureStateError, UnsupportedUseError
 from . import modules as _modules
-from .router import Router, outputs_requiring_grad
-from .rules import FUNCTION_RULES
+from .direct import describe, handle_direct
+from .expression import Expr, ExprRef
+from .router import Router
+from .rules import ALWAYS, FUNCTION_RULES
 from .site import ParamRef, Site
 from .store import SampleStore
+from .tracking import Tracker
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -52,7 +58,11 @@ class Capture:
         model: nn.Module,
         reduction: str = "mean",
         rules: Optional[Mapping[type, Callable]] = None,
+        scope: str = "block",
     ):
+        if scope not in ("block", "forward"):
+            raise ValueError(f"scope must be 'block' or 'forward', got {scope!r}")
+        self.scope = scope
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if not isinstance(model, nn.Module):
@@ -82,13 +92,20 @@ class Capture:
         self._by_id = {id(p): p for _, p in named}
         self.store = SampleStore({id(p): n for n, p in named}, self.reduction == "mean", self._note_grad)
         self.active: Counter = Counter()
+        self.tracker = Tracker()
+        self._router_on = False
         self._before: Dict[str, torch.Tensor] = {}
         # which .grad each parameter holds now, and its version: untouched ones keep both
         self._grad_at_enter = {n: (p.grad, p.grad._version) for n, p in named if p.grad is not None}
+        self._router = Router(self, FUNCTION_RULES, ALWAYS)
         try:
             self._hooks = _modules.attach(self, self.model, self.rules)
-            self._router = Router(self, FUNCTION_RULES)
-            self._router.__enter__()
+            self._hooks.append(self.model.register_forward_pre_hook(self._forward_starts, with_kwargs=True))
+            if self.scope == "forward":
+                self._hooks.append(self.model.register_forward_hook(
+                    self._forward_ends, with_kwargs=True, always_call=True))
+            else:
+                self._push_router()
         except BaseException:
             self._remove_hooks()
             raise
@@ -97,13 +114,40 @@ class Capture:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
-            self._router.__exit__(exc_type, exc, tb)
+            self._pop_router()
         finally:
             self._remove_hooks()
+            self.tracker.clear()
         self._state = "failed" if exc_type is not None else "closed"
         if exc_type is None:
             self._finish()
         return False
+
+    # ---- the router's lifetime -------------------------------------------------------
+    def _push_router(self) -> None:
+        if not self._router_on:
+            self._router.__enter__()
+            self._router_on = True
+
+    def _pop_router(self) -> None:
+        if self._router_on:
+            self._router_on = False
+            self._router.__exit__(None, None, None)
+
+    def _forward_starts(self, module, args, kwargs):
+        """The model's forward begins: its inputs are this pass's samples. With
+        ``scope="forward"`` the router is on only while the model's forward runs, so an
+        exception before the backward leaves nothing of gradnoise active."""
+        if self.suspended or not torch.is_grad_enabled():
+            return None
+        self.tracker.start_forward(tree_flatten((args, kwargs))[0])
+        if self.scope == "forward":
+            self._push_router()
+        return None
+
+    def _forward_ends(self, module, args, kwargs, output):
+        self._pop_router()
+        return None
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
@@ -118,39 +162,71 @@ class Capture:
             self._before[self.store.names[id(param)]] = param.grad.detach().clone()
 
     # ---- used by rules --------------------------------------------------------------
-    def ref(self, t: Optional[torch.Tensor]) -> Optional[ParamRef]:
-        """The measured parameter ``t`` is or views, unless a module rule covers it now."""
+    def ref(self, t: Optional[torch.Tensor]):
+        """The measured tensor ``t`` is: a :class:`ParamRef` (a parameter or a view of
+        one, unless a module rule covers it now), an :class:`ExprRef` (a parameter
+        expression), or None."""
         ref = self._lookup(t)
-        if ref is None or self.active[id(ref.param)]:
-            return None
-        return ref
+        if ref is not None:
+            return None if self.active[id(ref.param)] else ref
+        if isinstance(t, torch.Tensor):
+            found = self.tracker.exprs.get(t)
+            if found is not None:
+                return ExprRef(found[0], found[1], t, self.suspend)
+        return None
 
-    def site(self, weight: Optional[ParamRef] = None, bias: Optional[ParamRef] = None) -> Site:
+    def count_use(self, ref) -> None:
+        """One use of each parameter ``ref`` involves, in this forward pass."""
+        for p in ref.params:
+            self.store.add_use(p)
+
+    def site(self, weight=None, bias=None) -> Site:
         """A site for one call, counting one use of each parameter it measures."""
         for r in (weight, bias):
             if r is not None:
-                self.store.add_use(r.param)
+                self.count_use(r)
         return Site(self.store, weight, bias)
+
+    def direct(self, func, args, kwargs):
+        """Send a call to the direct-use rule (a rule's form it does not handle)."""
+        flat, spec = tree_flatten((args, kwargs))
+        refs = {}
+        for i, t in enumerate(flat):
+            r = self.ref(t) if isinstance(t, torch.Tensor) else None
+            if r is not None:
+                refs[i] = r
+        return handle_direct(self, func, flat, spec, refs, describe(self, func, refs))
+
+    def samples(self, rows: int, what: str) -> int:
+        """Samples ``n`` of data with ``rows`` leading rows (``rows = k·n``)."""
+        return self.tracker.samples(rows, what)
+
+    def record_expr(self, func, flat: list, spec, refs: dict, out) -> None:
+        """Note the outputs of ``func`` (measured tensors and constants only) as
+        parameter expressions; views of a parameter stay parameter references."""
+        outs = out if isinstance(out, (list, tuple)) else (out,)
+        live = [(j, o) for j, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.requires_grad
+                and self._lookup(o) is None]
+        if not live:
+            return
+        slots = {}
+        for i, r in refs.items():
+            slots[i] = ("param", r.param, r.view) if isinstance(r, ParamRef) else ("expr", r.expr, r.index)
+        expr = Expr(func, flat, spec, slots)
+        for j, o in live:
+            self.tracker.exprs.add(o, (expr, j))
+
+    @contextlib.contextmanager
+    def suspend(self):
+        """Run torch calls past the router (a rule's own recomputations)."""
+        prev, self.suspended = self.suspended, True
+        try:
+            yield
+        finally:
+            self.suspended = prev
 
     def name_of(self, param: torch.Tensor) -> str:
         return self.store.names[id(param)]
-
-    def check_use(self, func, tensors: Iterable[torch.Tensor], out) -> None:
-        """Raise when ``func`` made a measured parameter part of the graph outside any
-        rule (views of it are fine: their use is judged where they are consumed)."""
-        for t in tensors:
-            ref = self._lookup(t)
-            if ref is None or self.active[id(ref.param)]:
-                continue
-            outs = list(outputs_requiring_grad(out))
-            if outs and not all(o._base is ref.param for o in outs):
-                name = self.name_of(ref.param)
-                raise UnsupportedUseError(
-                    f"parameter '{name}' is used by {_func_name(func)} outside any layer "
-                    "gradnoise has a rule for, so its per-sample gradient would be wrong. "
-                    "Use it inside the module that owns it, or register a rule: "
-                    "gradnoise.capture(model, rules={YourModule: rule})"
-                )
 
     def _lookup(self, t) -> Optional[ParamRef]:
         if not isinstance(t, torch.Tensor):
@@ -174,8 +250,9 @@ class Capture:
             if name not in index:
                 raise UnsupportedUseError(
                     f"parameter '{name}' received a gradient but no per-sample gradient "
-                    "was computed: it was used by code gradnoise cannot see (TorchScript, "
-                    "a C++ extension, or a backward outside the capture block)"
+                    "was computed: its gradient reached the loss without meeting per-sample "
+                    "data, or it was used by code gradnoise cannot see (TorchScript, a C++ "
+                    "extension, a backward outside the capture block)"
                 )
             g = p.grad.detach()
             kept.append(name)
@@ -285,8 +362,3 @@ def _open_routers():
     if _mode_stack is None:  # pragma: no cover
         return []
     return [m for m in _mode_stack() if isinstance(m, Router)]
-
-
-def _func_name(func) -> str:
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-    return name if "." in name or name.startswith("torch") else f"torch.{name}"

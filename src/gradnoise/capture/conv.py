@@ -31,10 +31,10 @@ class ConvFn(torch.autograd.Function):
     """An N-d convolution whose backward also hands per-sample results to a site."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, site: Site):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, site: Site, n: int):
         ctx.save_for_backward(x, weight)
         ctx.conf = (list(stride), list(padding), list(dilation), groups)
-        ctx.site, ctx.has_bias = site, bias is not None
+        ctx.site, ctx.has_bias, ctx.n = site, bias is not None, n
         return torch.ops.aten.convolution(x, weight, bias, *ctx.conf[:3], False, [0] * len(stride), groups)
 
     @staticmethod
@@ -42,23 +42,27 @@ class ConvFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
         site: Site = ctx.site
-        n, zeros = x.shape[0], [0] * len(stride)
+        n, zeros = ctx.n, [0] * len(stride)
+        k = x.shape[0] // n  # rows per sample (sample-major)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = _conv_backward(gy, x, weight, None, stride, padding, dilation, False, zeros, groups, [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            step = chunk_size(n, weight.numel(), x.numel() // 8)
+            step = chunk_size(n, k * weight.numel(), x.numel() // 8)
             for lo in range(0, n, step):
-                g = _per_sample_weight_grads(x[lo : lo + step], gy[lo : lo + step], weight, stride, padding, dilation, groups)
+                rows = slice(lo * k, (lo + step) * k)
+                g = _per_sample_weight_grads(x[rows], gy[rows], weight, stride, padding, dilation, groups)
+                if k > 1:
+                    g = g.view(-1, k, *weight.shape).sum(1)
                 site.give(site.weight, lambda: sq_norms(g.flatten(1)), lambda: g, n, lo)
                 part = g.sum(0)
                 gw = part if gw is None else gw.add_(part)
                 del g, part  # free this chunk before the next one is allocated
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            per = gy.flatten(2).sum(2)  # [N, C_out]
+            per = gy.flatten(2).sum(2).view(n, k, -1).sum(1)  # [N, C_out]
             site.give(site.bias, lambda: sq_norms(per), lambda: per, n)
             gb = per.sum(0)
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 def _per_sample_weight_grads(x, gy, weight, stride, padding, dilation, groups) -> torch.Tensor:
@@ -102,19 +106,22 @@ def handle_conv(cap, func, args, kwargs):
     x, weight, bias, stride, padding, dilation, groups = bind(
         args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"), (None, 1, 0, 1, 1)
     )
+    if cap.ref(x) is not None:
+        return cap.direct(func, args, kwargs)
     wref, bref = cap.ref(weight), cap.ref(bias)
-    if (wref is None and bref is None) or not torch.is_grad_enabled():
+    if wref is None and bref is None:
         return func(*args, **kwargs)
     d = weight.dim() - 2
     if x.dim() != d + 2:
         raise UnsupportedUseError(
             f"conv{d}d on an unbatched input of shape {tuple(x.shape)} (parameter "
-            f"'{cap.name_of((wref or bref).param)}'): per-sample gradients need a "
+            f"'{cap.name_of((wref or bref).params[0])}'): per-sample gradients need a "
             "leading sample dimension"
         )
+    n = cap.samples(x.shape[0], f"conv{d}d")
     stride, dilation = _ntuple(stride, d), _ntuple(dilation, d)
     x, padding = _explicit_padding(x, padding, weight.shape[2:], dilation)
     site = cap.site(wref, bref)
     (x, weight, bias), ctx = amp.cast(x.device.type, (x, weight, bias))
     with ctx:
-        return ConvFn.apply(x, weight, bias, stride, padding, dilation, int(groups), site)
+        return ConvFn.apply(x, weight, bias, stride, padding, dilation, int(groups), site, n)

@@ -14,16 +14,16 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedUseError
 from .args import bind
-from .site import Site, sq_norms
+from .site import ParamRef, Site, sq_norms
 
 
 class EmbeddingFn(torch.autograd.Function):
     """``F.embedding`` whose backward also hands per-sample results to a site."""
 
     @staticmethod
-    def forward(ctx, ids, weight, padding_idx, site: Site):
+    def forward(ctx, ids, weight, padding_idx, site: Site, n: int):
         ctx.save_for_backward(ids)
-        ctx.site, ctx.padding_idx, ctx.num_rows = site, padding_idx, weight.shape[0]
+        ctx.site, ctx.padding_idx, ctx.num_rows, ctx.n = site, padding_idx, weight.shape[0], n
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
@@ -32,7 +32,7 @@ class EmbeddingFn(torch.autograd.Function):
         site: Site = ctx.site
         pad = -1 if ctx.padding_idx is None else ctx.padding_idx
         gw = torch.ops.aten.embedding_dense_backward(gy, ids, ctx.num_rows, pad, False)
-        n, v, dim = ids.shape[0], ctx.num_rows, gy.shape[-1]
+        n, v, dim = ctx.n, ctx.num_rows, gy.shape[-1]
         keys = (torch.arange(n, device=ids.device).view(n, 1) * v + ids.reshape(n, -1)).reshape(-1)
         rows = gy.reshape(-1, dim)
         if ctx.padding_idx is not None:
@@ -48,7 +48,7 @@ class EmbeddingFn(torch.autograd.Function):
             return rows.new_zeros(n * v, dim).index_add_(0, keys, rows).view(n, v, dim)
 
         site.give(site.weight, per_sample_sq_norms, grads, n)
-        return None, gw, None, None
+        return None, gw, None, None, None
 
 
 def handle_embedding(cap, func, args, kwargs):
@@ -59,22 +59,22 @@ def handle_embedding(cap, func, args, kwargs):
         (None, None, 2.0, False, False),
     )
     wref = cap.ref(weight)
-    if wref is None or not torch.is_grad_enabled():
+    if wref is None:
         return func(*args, **kwargs)
+    if not isinstance(wref, ParamRef) or wref.view is not None:  # a table computed from parameters
+        return cap.direct(func, args, kwargs)
     name = cap.name_of(wref.param)
     if scale_grad_by_freq or sparse:
         raise UnsupportedUseError(
             f"embedding '{name}' uses scale_grad_by_freq or sparse gradients, which "
             "gradnoise does not support; set both to False"
         )
-    if wref.view is not None or ids.dim() < 1:
-        raise UnsupportedUseError(
-            f"embedding '{name}': per-sample gradients need batched ids [N, ...] and the "
-            "whole table as weight"
-        )
+    if ids.dim() < 1:
+        raise UnsupportedUseError(f"embedding '{name}': per-sample gradients need batched ids [N, ...]")
     if padding_idx is not None and padding_idx < 0:
         padding_idx += weight.shape[0]
     if max_norm is not None:
         with torch.no_grad():
             torch.embedding_renorm_(weight, ids.contiguous(), max_norm, norm_type)
-    return EmbeddingFn.apply(ids, weight, padding_idx, cap.site(wref))
+    n = cap.samples(ids.shape[0], f"embedding '{name}'")
+    return EmbeddingFn.apply(ids, weight, padding_idx, cap.site(wref), n)

@@ -37,9 +37,9 @@ class LinearFn(torch.autograd.Function):
     per-sample results to a :class:`Site`; 2-D inputs take :func:`_observed_2d`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, site: Site):
+    def forward(ctx, x, weight, bias, site: Site, n: int):
         ctx.save_for_backward(x, weight)
-        ctx.site, ctx.has_bias = site, bias is not None
+        ctx.site, ctx.has_bias, ctx.n = site, bias is not None, n
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -48,8 +48,8 @@ class LinearFn(torch.autograd.Function):
         site: Site = ctx.site
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gy.matmul(weight) if need_x else None
-        gw, gb = _grads_seq(site, x, gy, need_w, need_b and ctx.has_bias)
-        return gx, gw, gb, None
+        gw, gb = _grads_seq(site, x, gy, need_w, need_b and ctx.has_bias, ctx.n)
+        return gx, gw, gb, None, None
 
 
 def _observed_2d(site: Site, x: torch.Tensor, weight, bias):
@@ -82,9 +82,9 @@ def _observe_2d(site: Site, a: Optional[torch.Tensor], d: torch.Tensor) -> None:
         )
 
 
-def _grads_seq(site: Site, x: torch.Tensor, gy: torch.Tensor, need_w: bool, need_b: bool):
-    """``x`` ``[N, *T, d_in]``, ``gy`` ``[N, *T, d_out]`` (middle dims flattened to T)."""
-    n = x.shape[0]
+def _grads_seq(site: Site, x: torch.Tensor, gy: torch.Tensor, need_w: bool, need_b: bool, n: int):
+    """``x`` ``[M, *T, d_in]``, ``gy`` ``[M, *T, d_out]`` with ``M = k·n`` rows, ``k`` per
+    sample (sample-major): all but the last dim are flattened to ``[n, k·T, ·]``."""
     a = x.reshape(n, -1, x.shape[-1])
     d = gy.reshape(n, -1, gy.shape[-1])
     gw = gb = None
@@ -147,27 +147,52 @@ def handle_linear(cap, func, args, kwargs):
         x, weight, bias = bind(args, kwargs, ("input", "weight", "bias"), (None,))
     else:
         x, weight, bias = args
+    if cap.ref(x) is not None:  # a parameter as the input: no linear layer
+        return cap.direct(func, args, kwargs)
     wref, bref = cap.ref(weight), cap.ref(bias)
-    if (wref is None and bref is None) or not torch.is_grad_enabled():
+    if wref is None and bref is None:
         return func(*args, **kwargs)
-    if x.dim() < 2:
-        raise UnsupportedUseError(
-            f"F.linear on an unbatched input of shape {tuple(x.shape)} (parameter "
-            f"'{cap.name_of((wref or bref).param)}'): per-sample gradients need a "
-            "leading sample dimension"
-        )
     return apply_linear(cap, x, weight, bias, cap.site(wref, bref))
 
 
-def apply_linear(cap, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], site: Optional[Site] = None):
-    """``F.linear(x, weight, bias)`` measured per sample along dim 0 of ``x``.
+def handle_addmm(cap, func, args, kwargs):
+    """``torch.addmm(b, x, W)`` (Hugging Face's ``Conv1D`` on ``x.view(-1, d)``) is
+    ``F.linear(x, Wᵀ, b)``; any other form goes to the direct-use rule."""
+    b, x, w, beta, alpha = bind(args, kwargs, ("input", "mat1", "mat2", "beta", "alpha"), (1, 1))
+    wref = cap.ref(w)
+    if beta != 1 or alpha != 1 or cap.ref(x) is not None or b.dim() != 1 or wref is None:
+        return cap.direct(func, args, kwargs)
+    return apply_linear(cap, x, w.t(), b, cap.site(wref.then(lambda t: t.t()), cap.ref(b)))
 
-    ``weight``/``bias`` may be parameters or views of them (slices of a packed
-    projection); unmeasured ones are treated as constants of the rule."""
+
+def handle_matmul(cap, func, args, kwargs):
+    """``x @ W`` with a measured 2-D ``W`` is ``F.linear(x, Wᵀ)``; any other form goes
+    to the direct-use rule."""
+    x, w = bind(args, kwargs, ("input", "other"))
+    wref = cap.ref(w)
+    if wref is None or w.dim() != 2 or x.dim() < 2 or cap.ref(x) is not None:
+        return cap.direct(func, args, kwargs)
+    return apply_linear(cap, x, w.t(), None, cap.site(wref.then(lambda t: t.t()), None))
+
+
+def apply_linear(cap, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], site: Optional[Site] = None):
+    """``F.linear(x, weight, bias)`` measured per sample along dim 0 of ``x``: ``x``
+    ``[M, *T, d_in]`` with ``M`` the batch size or a multiple of it (``k`` rows per
+    sample, sample-major, such as ``x.view(-1, d)`` of ``[B, T, d]``).
+
+    ``weight``/``bias`` may be parameters, views of them (slices of a packed
+    projection) or parameter expressions; unmeasured ones are constants of the rule."""
     if site is None:
         site = cap.site(cap.ref(weight), cap.ref(bias))
-    if x.dim() == 2:
+    if x.dim() < 2:
+        raise UnsupportedUseError(
+            f"F.linear on an unbatched input of shape {tuple(x.shape)} (parameter "
+            f"'{cap.name_of((site.weight or site.bias).params[0])}'): per-sample gradients "
+            "need a leading sample dimension"
+        )
+    n = cap.samples(x.shape[0], "F.linear")
+    if x.dim() == 2 and n == x.shape[0]:
         return _observed_2d(site, x, weight, bias)
     (x, weight, bias), ctx = amp.cast(x.device.type, (x, weight, bias))
     with ctx:
-        return LinearFn.apply(x, weight, bias, site)
+        return LinearFn.apply(x, weight, bias, site, n)

@@ -28,7 +28,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import FallbackError, SampleMixingError
 from . import fallback
-from .rules import is_functional
+from .direct import Tap
+from .rules import needs_module_rule
 from .site import sq_norms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +48,7 @@ def attach(cap: "Capture", model: nn.Module, rules: Mapping[type, Callable]) -> 
                 continue
             rule = _user_rule(rules, m)
             if rule is None:
-                if is_functional(m):
+                if not needs_module_rule(m):
                     continue
                 rule = fallback.per_sample_grads
             handles += ModuleSite(cap, name, m, own, rule).attach()
@@ -110,7 +111,7 @@ class ModuleSite:
         if not idx:
             return None
         record = (self, args, kwargs, output, spec, len(flat), idx)
-        tapped = _Tap.apply(record, *[flat[i] for i in idx])
+        tapped = Tap.apply(lambda grads: self.run(record, grads), *[flat[i] for i in idx])
         for i, t in zip(idx, tapped):
             flat[i] = t
         return tree_unflatten(flat, spec)
@@ -148,20 +149,3 @@ class ModuleSite:
                 )
             n = g.shape[0]
             self.cap.store.add(p, None, lambda g=g: sq_norms(g.reshape(n, -1)), lambda g=g: g, n)
-
-
-class _Tap(torch.autograd.Function):
-    """Identity on a module's outputs; its backward runs the module's rule."""
-
-    @staticmethod
-    def forward(ctx, record, *outputs):
-        ctx.record = record
-        # Clones, not the inputs themselves: outputs of a custom Function that alias its
-        # inputs may not be modified in place afterwards (ReLU(inplace=True), say).
-        return tuple(t.clone() for t in outputs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        site = ctx.record[0]
-        site.run(ctx.record, grads)
-        return (None, *grads)

@@ -1,10 +1,17 @@
 """The torch-function mode that routes parameter uses to rules.
 
-While a capture is open, every torch call made in Python passes through
-:class:`Router`. A call in the rule table whose parameters are measured goes to its
-rule; any other call that makes a measured parameter part of the graph (and is not
-inside the module that owns it under a module rule) is an unsupported use and raises,
-because its per-sample gradient would otherwise be silently missing.
+While a capture's model runs, every torch call made in Python passes through
+:class:`Router`, which classifies its tensor arguments (:mod:`~gradnoise.capture.tracking`)
+and then:
+
+* no measured tensor: runs the call, noting data, pooled values (a reduction over the
+  sample dimension) and samples mixing (a pooled value combined with per-sample data,
+  or transformed non-linearly);
+* measured tensors and constants only: runs the call and records its output as a
+  parameter expression (views of a parameter stay views);
+* measured tensors meeting per-sample data: the call's rule from the table (Linear,
+  Conv, Embedding, norms, attention, …), or the direct-use rule
+  (:mod:`~gradnoise.capture.direct`).
 """
 from __future__ import annotations
 
@@ -12,42 +19,116 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from ..errors import SampleMixingError, UnsupportedUseError
+from .direct import describe, func_name, handle_direct
+from .tracking import CONST, DATA, POOLED
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import Capture
+
+_T = torch.Tensor
+# Calls that use a tensor argument only for its dtype, device or shape.
+METADATA = {_T.type_as, _T.to, _T.expand_as, _T.view_as, _T.reshape_as, _T.new_zeros,
+            _T.new_ones, _T.new_empty, _T.new_full, _T.new_tensor}
+# Reductions: over the sample dimension of data that requires grad, they pool samples.
+REDUCTIONS = {torch.sum, torch.mean, torch.std, torch.var, torch.amax, torch.amin, torch.logsumexp,
+              torch.norm, torch.prod, _T.sum, _T.mean, _T.std, _T.var, _T.amax, _T.amin,
+              _T.logsumexp, _T.norm, _T.prod}
+# What a pooled value (a loss) may go through: scaling, sums, reshapes.
+POOLED_OK = {torch.add, torch.sub, torch.mul, torch.div, torch.neg, _T.add, _T.sub, _T.mul, _T.div,
+             _T.neg, _T.__add__, _T.__radd__, _T.__sub__, _T.__rsub__, _T.__mul__, _T.__rmul__,
+             _T.__truediv__, _T.__neg__, _T.__iadd__, _T.__imul__, _T.__itruediv__, _T.add_,
+             _T.mul_, _T.div_, torch.sum, torch.mean, _T.sum, _T.mean, _T.view, _T.reshape,
+             _T.squeeze, _T.unsqueeze, _T.clone, _T.to, _T.float, _T.double, _T.contiguous,
+             _T.detach, torch.stack, torch.cat, _T.expand, _T.__getitem__}
 
 
 class Router(TorchFunctionMode):
     """Sends each torch call to its rule (see ``rules.FUNCTION_RULES``) or through."""
 
-    def __init__(self, capture: "Capture", table: dict):
+    def __init__(self, capture: "Capture", table: dict, always: frozenset):
         super().__init__()
         self.capture = capture
         self.table = table
+        self.always = always
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         cap = self.capture
         if cap.suspended:
             return func(*args, **kwargs)
+        if func in self.always:
+            return self.table[func](cap, func, args, kwargs)
+        if not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        refs, kinds = {}, set()
+        for i, t in enumerate(flat):
+            if isinstance(t, torch.Tensor):
+                ref = cap.ref(t)
+                if ref is not None:
+                    refs[i] = ref
+                else:
+                    k = cap.tracker.kind(t)
+                    kinds.add("data_nograd" if k == DATA and not t.requires_grad else k)
+        if not refs:
+            return self._untracked(func, args, kwargs, kinds)
+        if POOLED in kinds:
+            raise UnsupportedUseError(
+                f"{describe(cap, func, refs)} combines a parameter with a value summed over the "
+                "batch (a penalty added to the loss?): it has no per-sample part. Add it "
+                "outside the capture, or use the optimizer's weight_decay"
+            )
+        if func in METADATA or not (kinds & {DATA, "data_nograd"}):
+            out = func(*args, **kwargs)
+            cap.record_expr(func, flat, spec, refs, out)
+            return out
         rule = self.table.get(func)
         if rule is not None:
             return rule(cap, func, args, kwargs)
+        return handle_direct(cap, func, flat, spec, refs, describe(cap, func, refs))
+
+    def _untracked(self, func, args, kwargs, kinds):
         out = func(*args, **kwargs)
-        if torch.is_grad_enabled():
-            cap.check_use(func, _tensors(args, kwargs), out)
+        if kinds <= {CONST}:
+            return out
+        cap = self.capture
+        grads = list(outputs_requiring_grad(out))
+        if POOLED in kinds and grads:
+            if DATA in kinds or "data_nograd" in kinds or func not in POOLED_OK:
+                raise SampleMixingError(
+                    f"{func_name(func)} uses a value summed over the batch dimension together "
+                    "with per-sample data (or transforms it non-linearly), so each sample's "
+                    "loss depends on the other samples and per-sample gradients do not exist. "
+                    "Keep the batch dimension until the loss, or measure with the micro-batch "
+                    "source (gradnoise.NoiseMonitor(model, source='microbatch'))"
+                )
+            for o in grads:
+                cap.tracker.pooled.add(o)
+        elif func in REDUCTIONS and DATA in kinds and _pools_samples(args, kwargs):
+            for o in grads:
+                cap.tracker.pooled.add(o)
+        elif "data_nograd" in kinds:
+            for o in tree_flatten(out)[0]:
+                if isinstance(o, torch.Tensor):
+                    cap.tracker.data.add(o)
         return out
 
 
-def _tensors(args, kwargs) -> Iterator[torch.Tensor]:
-    """Tensor arguments, one level into lists and tuples."""
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, torch.Tensor):
-                    yield b
+def _pools_samples(args, kwargs) -> bool:
+    """True when a reduction's ``dim`` covers dim 0 of its input (or all dims)."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or not x.requires_grad:
+        return False
+    dim = args[1] if len(args) > 1 and not isinstance(args[1], (bool, torch.dtype)) else kwargs.get("dim")
+    if dim is None:
+        return True
+    dims = dim if isinstance(dim, (list, tuple)) else (dim,)
+    return any(isinstance(d, int) and d % x.dim() == 0 for d in dims)
+
+
 
 
 def outputs_requiring_grad(out: Any) -> Iterator[torch.Tensor]:

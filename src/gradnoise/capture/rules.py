@@ -1,9 +1,9 @@
-"""The explicit rule table: which torch functions and module types gradnoise measures
-with a functional rule. Everything else that owns parameters goes to a module rule
-(a user's, or the torch.func fallback)."""
+"""The explicit rule table: the torch functions gradnoise measures with a rule of their
+own when a measured parameter meets per-sample data there. Any other call where that
+happens goes to the direct-use rule (:mod:`gradnoise.capture.direct`); modules are
+recognised by the calls they make, not by their class. Module rules remain for a
+user's own rules and for recurrent layers (the torch.func fallback)."""
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import nn
 from .attention import handle_mha
 from .conv import handle_conv
 from .embedding import handle_embedding
-from .linear import handle_linear
+from .linear import handle_addmm, handle_linear, handle_matmul
 from .loss import handle_backward
 from .norm import (
     handle_batch_norm,
@@ -25,6 +25,11 @@ from .norm import (
 FUNCTION_RULES = {
     F.linear: handle_linear,
     torch._C._nn.linear: handle_linear,
+    torch.addmm: handle_addmm,
+    torch.matmul: handle_matmul,
+    torch.Tensor.matmul: handle_matmul,
+    torch.Tensor.__matmul__: handle_matmul,
+    torch.mm: handle_matmul,
     torch.conv1d: handle_conv,
     torch.conv2d: handle_conv,
     torch.conv3d: handle_conv,
@@ -39,22 +44,12 @@ FUNCTION_RULES = {
 if hasattr(F, "rms_norm"):  # torch >= 2.4
     FUNCTION_RULES[F.rms_norm] = handle_rms_norm
 
-# Module types whose forward uses their parameters only through the functions above.
-FUNCTIONAL_MODULES = tuple(
-    m for m in (
-        nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm,
-        nn.GroupNorm, getattr(nn, "RMSNorm", None), nn.InstanceNorm1d, nn.InstanceNorm2d,
-        nn.InstanceNorm3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-        nn.MultiheadAttention,
-    ) if m is not None
-)
+# Calls handled whatever their arguments: the loss's reduction check, and batch
+# statistics (which mix samples) refused.
+ALWAYS = frozenset({torch.Tensor.backward, F.batch_norm})
 
 
-def is_functional(module: nn.Module) -> bool:
-    """True when ``module`` is a known layer type whose ``forward`` is not overridden."""
-    return _is_functional_type(type(module))
-
-
-@functools.lru_cache(maxsize=None)
-def _is_functional_type(cls: type) -> bool:
-    return any(issubclass(cls, base) and cls.forward is base.forward for base in FUNCTIONAL_MODULES)
+def needs_module_rule(module: nn.Module) -> bool:
+    """Recurrent layers call fused kernels on their flat weights with the batch on dim 1
+    (unless ``batch_first``): the torch.func fallback handles them as a whole."""
+    return isinstance(module, nn.RNNBase)

@@ -40,27 +40,65 @@ class ParamRef:
     param: torch.Tensor
     view: Optional[torch.Tensor] = None
 
+    @property
+    def params(self):
+        return [self.param]
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.param if self.view is None else self.view
+
+    def then(self, fn) -> "ParamRef":
+        """The view ``fn(tensor)`` of the same parameter (``fn`` must return a view)."""
+        v, p = fn(self.tensor), self.param
+        same = v.shape == p.shape and v.stride() == p.stride() and v.storage_offset() == p.storage_offset()
+        return ParamRef(p, None if same else v)
+
+    def first_row(self) -> "ParamRef":
+        """The view restricted to ``[:1]`` of its leading dimension."""
+        return self.then(lambda t: t[:1])
+
 
 @dataclass(frozen=True)
 class Site:
     """The store and the parameters (``None`` when not measured) of one call."""
 
     store: SampleStore
-    weight: Optional[ParamRef] = None
-    bias: Optional[ParamRef] = None
+    weight: Optional["Ref"] = None
+    bias: Optional["Ref"] = None
 
-    def wants_grads(self, ref: Optional[ParamRef]) -> bool:
-        return ref is not None and self.store.wants_grads(ref.param, ref.view)
+    def wants_grads(self, ref: Optional["Ref"]) -> bool:
+        if ref is None:
+            return False
+        return not isinstance(ref, ParamRef) or self.store.wants_grads(ref.param, ref.view)
 
     def give(
         self,
-        ref: Optional[ParamRef],
+        ref: Optional["Ref"],
         sq_norms: Callable[[], torch.Tensor],
         grads: Callable[[], torch.Tensor],
         n: int,
         start: int = 0,
     ) -> None:
         """Hand one parameter's per-sample results for samples ``start, …`` of a batch
-        of ``n`` to the store (no-op for ``None``)."""
-        if ref is not None:
-            self.store.add(ref.param, ref.view, sq_norms, grads, n, start)
+        of ``n`` to the store (no-op for ``None``). ``grads()`` are per-sample gradients
+        of the tensor the call used; for a parameter expression they are mapped back to
+        its parameters."""
+        give(self.store, ref, sq_norms, grads, n, start)
+
+
+def give(store: SampleStore, ref, norms: Callable[[], torch.Tensor], grads: Callable[[], torch.Tensor],
+         n: int, start: int = 0) -> None:
+    """Hand one use's per-sample results to ``store`` (see :meth:`Site.give`)."""
+    if ref is None:
+        return
+    if isinstance(ref, ParamRef):
+        store.add(ref.param, ref.view, norms, grads, n, start)
+        return
+    g = grads()
+    c = g.shape[0]
+    for p, gp in ref.param_grads(g):
+        store.add(p, None, lambda gp=gp: sq_norms(gp.reshape(c, -1)), lambda gp=gp: gp, n, start)
+
+
+Ref = object  # ParamRef or gradnoise.capture.expression.ExprRef

@@ -82,8 +82,10 @@ class SampleStore:
         self.uses[id(param)] += 1
 
     def wants_grads(self, param: torch.Tensor, view: Optional[torch.Tensor]) -> bool:
-        """True when the rule must hand over per-sample gradients, not just norms."""
-        return view is not None or self.uses[id(param)] > 1
+        """True when the rule must hand over per-sample gradients, not just norms: the
+        parameter has several uses, or a use of part of it (a view that is a mere
+        permutation of all its elements, such as ``w.t()``, has the same norms)."""
+        return (view is not None and not is_permutation(view, param)) or self.uses[id(param)] > 1
 
     # ---- backward side ------------------------------------------------------------
     def _check_batch(self, param: torch.Tensor, n: int, c: int) -> None:
@@ -153,7 +155,7 @@ class SampleStore:
     ) -> None:
         """Hand over one use (or a chunk of samples of it): ``sq_norms()`` ``[c]`` when
         that suffices, else ``grads()`` ``[c, *shape]``."""
-        if view is not None or self.uses[id(param)] > 1:
+        if self.wants_grads(param, view):
             self.add_grads(param, grads(), view, n, start)
         else:
             self.add_sq_norms(param, sq_norms(), n, start)
@@ -193,6 +195,19 @@ class SampleStore:
         if self.mean_reduction:
             rows.mul_(float(self.batch_size) ** 2)
         return list(names), rows
+
+
+def is_permutation(view: torch.Tensor, param: torch.Tensor) -> bool:
+    """True when ``view`` holds every element of the contiguous ``param`` exactly once."""
+    if view.numel() != param.numel() or view.storage_offset() != param.storage_offset() \
+            or not param.is_contiguous():
+        return False
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(view.stride(), view.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
