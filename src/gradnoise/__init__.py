@@ -1,6 +1,7 @@
 """gradnoise: measure, explain and control the variance of mini-batch gradients."""
 from . import stats
-from .capture import Capture, capture
+from . import capture
+from .capture import Capture
 from .errors import (
     CaptureStateError,
     FallbackError,

@@ -270,3 +270,33 @@ def test_second_backward_through_the_same_graph_is_refused(make):
             loss = model(x).pow(2).sum()
             loss.backward(retain_graph=True)
             loss.backward()
+
+
+def test_fsdp2_sharded_parameters_are_refused_by_name():
+    """FSDP2 turns parameters into DTensors; capture must say so, never return nothing."""
+    import torch.distributed as dist
+
+    fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = fully_shard(nn.Sequential(nn.Linear(4, 3)))
+        with pytest.raises(UnsupportedUseError, match=r"'<model>' is sharded by FSDP2"):
+            with gradnoise.capture(model):
+                pass
+        mon_error = None
+        mon = gradnoise.NoiseMonitor(model, source="per_sample")
+        try:
+            model(torch.randn(2, 4))
+        except UnsupportedUseError as e:
+            mon_error = str(e)
+        mon.close()
+        assert mon_error is not None and "FSDP2" in mon_error
+        from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+
+        lin = nn.Linear(4, 3)  # tensor-parallel style: a DTensor parameter, no FSDP
+        lin.weight = nn.Parameter(distribute_tensor(lin.weight.detach(), init_device_mesh("cpu", (1,)), [Replicate()]))
+        with pytest.raises(UnsupportedUseError, match=r"'weight' is a DTensor"):
+            with gradnoise.capture(lin):
+                pass
+    finally:
+        dist.destroy_process_group()

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from gradnoise.control import lr_rules, recommend
+from gradnoise.control import advise, lr_rules
 
 
 def test_rules_by_formula():
@@ -27,7 +27,7 @@ def _step(i, b_simple, skipped=False, interval=(10.0, "inf"), batch=32):
 
 def test_advice_uses_the_last_usable_step():
     steps = [_step(0, 50.0), _step(1, 120.0), _step(2, None), _step(3, 999.0, skipped=True)]
-    r = recommend(steps)
+    r = advise(steps)
     assert r["b_crit"] == 120.0 and r["step"] == 1 and r["steps"] == 2
     assert r["b_crit_interval"][0] == 10.0 and math.isinf(r["b_crit_interval"][1])
     assert r["batch_size"] == 32 and r["reason"] is None
@@ -38,19 +38,19 @@ def test_advice_uses_the_last_usable_step():
 
 
 def test_no_usable_step_is_flagged_not_invented():
-    r = recommend([_step(0, None), _step(1, 5.0, skipped=True)], to_batches=[64])
+    r = advise([_step(0, None), _step(1, 5.0, skipped=True)], to_batches=[64])
     assert math.isnan(r["b_crit"]) and r["reason"]
     assert math.isnan(r["rules"][0]["adascale"]) and r["rules"][0]["linear"] == 2.0
 
 
 def test_empty_run_is_an_error():
     with pytest.raises(ValueError, match="no steps"):
-        recommend([])
+        advise([])
 
 
 def test_steps_without_batch_size_or_interval():
-    r = recommend([{"step": 0, "skipped": False, "smoothed": {"b_simple": 40.0}, "b_simple_interval": None}],
+    r = advise([{"step": 0, "skipped": False, "smoothed": {"b_simple": 40.0}, "b_simple_interval": None}],
                   batch_size=16)
     assert r["b_crit"] == 40.0 and math.isnan(r["b_crit_interval"][0])
     with pytest.raises(ValueError, match="batch_size"):
-        recommend([{"step": 0, "skipped": False, "smoothed": {"b_simple": 40.0}}])
+        advise([{"step": 0, "skipped": False, "smoothed": {"b_simple": 40.0}}])

@@ -149,6 +149,44 @@ def test_per_sample_one_step_equals_oracle():
     mon.close()
 
 
+def test_exception_between_forward_and_step_leaves_nothing_active():
+    """A forward that raises (or is followed by an exception before step()) must not
+    leave the router on: unrelated code, even another model's sum-reduced backward, runs
+    as plain PyTorch, and the monitor's next step is still exact."""
+    model = mlp()
+    x, y = batch(8, 0)
+    mon = gradnoise.NoiseMonitor(model, source="per_sample")
+    with pytest.raises(KeyError):
+        model(x)
+        raise KeyError("user error after the forward")
+    assert modes_active() == 0
+    other = nn.Linear(x.shape[1], 3).to(x.dtype)
+    F.cross_entropy(other(x), y, reduction="sum").backward()  # no ReductionError
+    (other.weight.sum() * x).sum().backward()                  # no UnsupportedUseError
+    model.zero_grad()
+    want = R.noise_stats(oracle_grads(model, x, y))
+    F.cross_entropy(model(x), y).backward()
+    assert_stats(mon.step().raw, want)
+    mon.close()
+
+
+def test_exception_inside_the_forward_leaves_nothing_active():
+    class Fails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            raise RuntimeError("inside the model")
+
+    model = Fails()
+    mon = gradnoise.NoiseMonitor(model, source="per_sample")
+    with pytest.raises(RuntimeError, match="inside the model"):
+        model(torch.randn(2, 4))
+    assert modes_active() == 0
+    mon.close()
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_per_sample_accumulation_unequal_microbatches(reduction):
     model = mlp(1)

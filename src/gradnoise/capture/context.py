@@ -88,6 +88,7 @@ class Capture:
                     "close it before opening another"
                 )
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        _refuse_sharded(self.model, named)
         self._params: Dict[str, nn.Parameter] = dict(named)
         self._by_id = {id(p): p for _, p in named}
         self.store = SampleStore({id(p): n for n, p in named}, self.reduction == "mean", self._note_grad)
@@ -100,7 +101,7 @@ class Capture:
         self._router = Router(self, FUNCTION_RULES, ALWAYS)
         try:
             self._hooks = _modules.attach(self, self.model, self.rules)
-            self._hooks.append(self.model.register_forward_pre_hook(self._forward_starts, with_kwargs=True))
+            self._hooks.append(self.model.register_forward_pre_hook(self.forward_starts, with_kwargs=True))
             if self.scope == "forward":
                 self._hooks.append(self.model.register_forward_hook(
                     self._forward_ends, with_kwargs=True, always_call=True))
@@ -134,7 +135,7 @@ class Capture:
             self._router_on = False
             self._router.__exit__(None, None, None)
 
-    def _forward_starts(self, module, args, kwargs):
+    def forward_starts(self, module, args, kwargs):
         """The model's forward begins: its inputs are this pass's samples. With
         ``scope="forward"`` the router is on only while the model's forward runs, so an
         exception before the backward leaves nothing of gradnoise active."""
@@ -356,6 +357,26 @@ def capture(
         cap.stats().b_simple
     """
     return Capture(model, reduction, rules)
+
+
+def _refuse_sharded(model: nn.Module, named) -> None:
+    """Parameters that are DTensors (FSDP2's ``fully_shard``, tensor parallelism) hold
+    one shard per rank, and FSDP2 swaps them for unsharded copies during the forward and
+    moves the gradients back: the per-sample engine cannot follow them, and says so."""
+    for name, m in model.named_modules():
+        if any(c.__name__ == "FSDPModule" for c in type(m).__mro__):
+            raise UnsupportedUseError(
+                f"module '{name or '<model>'}' is sharded by FSDP2 (fully_shard): the "
+                "per-sample engine does not follow its DTensor parameters, so it would "
+                "measure nothing; measure the unsharded model"
+            )
+    for name, p in named:
+        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+            raise UnsupportedUseError(
+                f"parameter '{name}' is a DTensor (sharded, e.g. by FSDP2's fully_shard): "
+                "the per-sample engine does not follow sharded parameters, so it would "
+                "measure nothing; measure the unsharded model"
+            )
 
 
 def _open_routers():

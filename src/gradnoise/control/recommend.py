@@ -27,7 +27,7 @@ def powers_of_two_around(b: int, below: int = 2, above: int = 3) -> List[int]:
     return sorted({v for v in out if v != b})
 
 
-def recommend(steps: Sequence[Dict[str, Any]], batch_size: Optional[int] = None,
+def advise(steps: Sequence[Dict[str, Any]], batch_size: Optional[int] = None,
               to_batches: Optional[Iterable[int]] = None) -> Dict[str, Any]:
     """Advice from the step lines of a run file.
 

@@ -100,12 +100,16 @@ class PerSampleSource:
         self.model, self.reduction, self.rules, self.allreduce = model, reduction, rules, allreduce
         self._cap: Optional[Capture] = None
         self._pending = False
-        self._handle = forward_pre_hook(model, self, "_open")
+        self._handle = forward_pre_hook(model, self, "_open", with_kwargs=True)
 
-    def _open(self, module, args):
+    def _open(self, module, args, kwargs):
         if self._pending and torch.is_grad_enabled():
             self._pending = False
-            self._cap = Capture(self.model, self.reduction, self.rules).__enter__()
+            # scope="forward": the router is on only while the model's forward runs, so
+            # an exception before step() leaves nothing of gradnoise active
+            cap = Capture(self.model, self.reduction, self.rules, scope="forward").__enter__()
+            self._cap = cap
+            cap.forward_starts(module, args, kwargs)  # its own pre-hook joins from the next call
 
     def begin(self) -> None:
         self._pending = True

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..control import recommend
+from ..control import advise
 from . import html as h
 from .figures import Plot
 from .files import Input
@@ -130,7 +130,7 @@ def run_section(stem: str, inp: Input, anchor: str) -> h.Section:
         "Critical batch size from the smoothed B_simple of the last measured step, and the "
         "learning-rate multiplier of each rule for a new batch size B′ (— where a rule is undefined)."))
     try:
-        rec = recommend(inp.lines)
+        rec = advise(inp.lines)
     except (ValueError, TypeError, KeyError) as e:  # a step without a usable batch_size
         body.append(h.note(f"No recommendation: {e}"))
         return h.Section(anchor, title, "".join(body), [plot])

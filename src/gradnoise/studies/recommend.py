@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..control import recommend as advise
+from ..control import advise
 from ..monitor.sinks import read_run
 from .output import StudyWriter
 
