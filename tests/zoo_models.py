@@ -1,0 +1,148 @@
+"""The zoo: models built by the libraries people train with (Hugging Face transformers,
+timm, torchvision), small configurations, random initialisation, nothing downloaded.
+
+Each entry builds ``(model, inputs, targets, loss_fn)`` for a batch of ``B`` samples,
+with the library's *default call* unless the name says otherwise. ``loss_fn(out, y)``
+is the mean over samples of per-sample losses, so that on a batch of one it is ``l_i``
+(what ``tests/reference.py`` needs). Dropout probabilities are 0 so that the oracle's
+one-sample passes compute the same function. Used by ``tests/capture/test_zoo.py`` and
+``benchmarks/zoo.py``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+VOCAB, T, IMG = 96, 16, 32
+
+
+def _ce(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def _own_loss(out: Tensor, y: Tensor) -> Tensor:
+    return out  # the model computed its loss (a mean over equal-length sequences)
+
+
+class Logits(nn.Module):
+    """``model(**inputs).logits`` (or ``.loss`` with ``loss=True``): the library's own call."""
+
+    def __init__(self, model: nn.Module, position_ids: bool = False, loss: bool = False):
+        super().__init__()
+        self.model, self.position_ids, self.loss = model, position_ids, loss
+
+    def forward(self, ids: Tensor) -> Tensor:
+        kw = {}
+        if self.position_ids:
+            kw["position_ids"] = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+        if self.loss:
+            return self.model(input_ids=ids, labels=ids, **kw).loss
+        return self.model(input_ids=ids, **kw).logits
+
+
+def _tokens(B: int, classes: int = VOCAB) -> Tuple[Tensor, Tensor]:
+    ids = torch.randint(0, VOCAB, (B, T))
+    return ids, (ids if classes == VOCAB else torch.randint(0, classes, (B,)))
+
+
+def gpt2(position_ids: bool = False, loss: bool = False):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=32, n_layer=2, n_head=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return Logits(GPT2LMHeadModel(cfg), position_ids, loss), _tokens, (_own_loss if loss else _ce)
+
+
+def bert(position_ids: bool = False):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=T, num_labels=3,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return Logits(BertForSequenceClassification(cfg), position_ids), lambda B: _tokens(B, 3), _ce
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
+    return Logits(LlamaForCausalLM(cfg)), _tokens, _ce
+
+
+def _images(B: int, classes: int = 10) -> Tuple[Tensor, Tensor]:
+    return torch.randn(B, 3, IMG, IMG), torch.randint(0, classes, (B,))
+
+
+def vit(layer_scale: bool = False):
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=IMG, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                              num_classes=10, init_values=0.1 if layer_scale else None)
+    return model, _images, _ce
+
+
+def convnext_timm():
+    from timm.models.convnext import ConvNeXt
+
+    return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=10, ls_init_value=0.1), _images, _ce
+
+
+def swin():
+    from timm.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(img_size=IMG, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
+                            num_heads=(2, 4), num_classes=10, drop_path_rate=0.0)
+    return model, _images, _ce
+
+
+def mixer():
+    from timm.models.mlp_mixer import MlpMixer
+
+    return MlpMixer(num_classes=10, img_size=IMG, patch_size=8, num_blocks=2, embed_dim=32), _images, _ce
+
+
+def resnet18(norm: str = "batch"):
+    from torchvision.models import resnet18 as make
+
+    if norm == "group":
+        model = make(num_classes=10, norm_layer=lambda c: nn.GroupNorm(4, c))
+    else:
+        model = make(num_classes=10).eval()  # BatchNorm with running statistics
+    return model, _images, _ce
+
+
+def convnext_tv():
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    blocks = [CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)]
+    return ConvNeXt(blocks, num_classes=10), _images, _ce
+
+
+ZOO: Dict[str, Tuple[str, Callable]] = {
+    "gpt2": ("transformers", gpt2),
+    "gpt2-own-loss": ("transformers", lambda: gpt2(loss=True)),
+    "gpt2-position-ids": ("transformers", lambda: gpt2(position_ids=True)),
+    "bert": ("transformers", bert),
+    "bert-position-ids": ("transformers", lambda: bert(position_ids=True)),
+    "llama": ("transformers", llama),
+    "vit": ("timm", vit),
+    "vit-layerscale": ("timm", lambda: vit(layer_scale=True)),
+    "convnext-timm": ("timm", convnext_timm),
+    "swin": ("timm", swin),
+    "mixer": ("timm", mixer),
+    "resnet18-eval-bn": ("torchvision", resnet18),
+    "resnet18-groupnorm": ("torchvision", lambda: resnet18("group")),
+    "convnext-torchvision": ("torchvision", convnext_tv),
+}
+
+
+def build(name: str, B: int, seed: int = 0):
+    """``(model, inputs, targets, loss_fn)`` of zoo entry ``name`` for a batch of ``B``."""
+    torch.manual_seed(seed)
+    model, make_batch, loss_fn = ZOO[name][1]()
+    x, y = make_batch(B)
+    return model, x, y, loss_fn
