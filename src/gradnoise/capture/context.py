@@ -27,7 +27,7 @@ from .direct import describe, handle_direct
 from .expression import Expr, ExprRef
 from .router import Router
 from .rules import ALWAYS, FUNCTION_RULES
-from .site import ParamRef, Site
+from .site import ParamRef, Policy, Site
 from .store import SampleStore
 from .tracking import Tracker
 
@@ -59,10 +59,14 @@ class Capture:
         reduction: str = "mean",
         rules: Optional[Mapping[type, Callable]] = None,
         scope: str = "block",
+        policy: Optional[Policy] = None,
     ):
         if scope not in ("block", "forward"):
             raise ValueError(f"scope must be 'block' or 'forward', got {scope!r}")
+        if policy is not None and policy.route not in (None, "gram", "materialise"):
+            raise ValueError(f"policy.route must be None, 'gram' or 'materialise', got {policy.route!r}")
         self.scope = scope
+        self.policy = policy or Policy()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if not isinstance(model, nn.Module):
@@ -186,7 +190,7 @@ class Capture:
         for r in (weight, bias):
             if r is not None:
                 self.count_use(r)
-        return Site(self.store, weight, bias)
+        return Site(self.store, weight, bias, self.policy)
 
     def direct(self, func, args, kwargs):
         """Send a call to the direct-use rule (a rule's form it does not handle)."""

@@ -48,7 +48,7 @@ class ConvFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = _conv_backward(gy, x, weight, None, stride, padding, dilation, False, zeros, groups, [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            step = chunk_size(n, k * weight.numel(), x.numel() // 8)
+            step = site.policy.chunk(chunk_size(n, k * weight.numel(), x.numel() // 8))
             for lo in range(0, n, step):
                 rows = slice(lo * k, (lo + step) * k)
                 g = _per_sample_weight_grads(x[rows], gy[rows], weight, stride, padding, dilation, groups)

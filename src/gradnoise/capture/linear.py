@@ -103,7 +103,10 @@ def _weight_grad_seq(site: Site, a: torch.Tensor, d: torch.Tensor) -> torch.Tens
     ref = site.weight
     n, t, d_in = a.shape
     d_out = d.shape[-1]
-    if ref is not None and (site.wants_grads(ref) or _materialise_cheaper(n, t, d_in, d_out)):
+    route = site.policy.route
+    if route is None:
+        route = "materialise" if _materialise_cheaper(n, t, d_in, d_out) else "gram"
+    if ref is not None and (site.wants_grads(ref) or route == "materialise"):
         return _materialised(site, a, d)
     if ref is not None:
         gram = torch.bmm(a, a.transpose(1, 2)).mul_(torch.bmm(d, d.transpose(1, 2)))
@@ -124,7 +127,7 @@ def _materialised(site: Site, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``G_n = Δ_nᵀ A_n`` chunk by chunk; returns ``Σ_n G_n``."""
     n, _, d_in = a.shape
     d_out = d.shape[-1]
-    step = chunk_size(n, d_in * d_out, max(a.numel(), d.numel()))
+    step = site.policy.chunk(chunk_size(n, d_in * d_out, max(a.numel(), d.numel())))
     total = None
     for lo in range(0, n, step):
         g = torch.bmm(d[lo : lo + step].transpose(1, 2), a[lo : lo + step])

@@ -60,12 +60,27 @@ class ParamRef:
 
 
 @dataclass(frozen=True)
+class Policy:
+    """How rules may compute: ``route`` forces the Linear/sequence route (``"gram"`` or
+    ``"materialise"``; None: the cheaper by measured cost) and ``max_chunk`` caps the
+    samples per chunk of materialised per-sample gradients (None: by memory budget).
+    For tests and benchmarks; the defaults are what users want."""
+
+    route: Optional[str] = None
+    max_chunk: Optional[int] = None
+
+    def chunk(self, step: int) -> int:
+        return step if self.max_chunk is None else max(1, min(step, self.max_chunk))
+
+
+@dataclass(frozen=True)
 class Site:
     """The store and the parameters (``None`` when not measured) of one call."""
 
     store: SampleStore
     weight: Optional["Ref"] = None
     bias: Optional["Ref"] = None
+    policy: Policy = Policy()
 
     def wants_grads(self, ref: Optional["Ref"]) -> bool:
         if ref is None:
