@@ -69,8 +69,8 @@ class Method:
 
     name = "?"
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        self.model, self.x, self.y = model, x, y
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable = F.cross_entropy):
+        self.model, self.x, self.y, self.loss_fn = model, x, y, loss_fn
         self.notes: List[str] = []
 
     def step(self) -> Optional[Norms]:
@@ -82,14 +82,14 @@ class Plain(Method):
 
     def step(self) -> None:
         self.model.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.loss_fn(self.model(self.x), self.y).backward()
 
 
 class Gradnoise(Method):
     name = "gradnoise"
 
-    def __init__(self, model, x, y):
-        super().__init__(model, x, y)
+    def __init__(self, model, x, y, loss_fn=F.cross_entropy):
+        super().__init__(model, x, y, loss_fn)
         try:
             import gradnoise
         except Exception as exc:  # the engine may be missing or half-written
@@ -101,7 +101,7 @@ class Gradnoise(Method):
     def step(self) -> Norms:
         self.model.zero_grad(set_to_none=True)
         with self.capture(self.model, reduction="mean") as cap:
-            F.cross_entropy(self.model(self.x), self.y).backward()
+            self.loss_fn(self.model(self.x), self.y).backward()
         return dict(cap.per_sample_sq_norms)
 
 
@@ -113,13 +113,13 @@ class TorchFunc(Method):
 
     name = "torch.func"
 
-    def __init__(self, model, x, y):
-        super().__init__(model, x, y)
+    def __init__(self, model, x, y, loss_fn=F.cross_entropy):
+        super().__init__(model, x, y, loss_fn)
         from torch.func import functional_call, grad, vmap
 
         def sample_loss(params, buffers, xi, yi):
             out = functional_call(model, (params, buffers), (xi.unsqueeze(0),))
-            return F.cross_entropy(out, yi.unsqueeze(0))
+            return loss_fn(out, yi.unsqueeze(0))
 
         self.per_sample_grads = vmap(grad(sample_loss), in_dims=(None, None, 0, 0))
 
@@ -141,8 +141,8 @@ class BackpackL2(Method):
 
     name = "backpack"
 
-    def __init__(self, model, x, y):
-        super().__init__(model, x, y)
+    def __init__(self, model, x, y, loss_fn=F.cross_entropy):
+        super().__init__(model, x, y, loss_fn)
         try:
             from backpack import backpack, extend
             from backpack.extensions import BatchL2Grad
@@ -175,8 +175,8 @@ class OpacusGSM(Method):
 
     name = "opacus"
 
-    def __init__(self, model, x, y):
-        super().__init__(model, x, y)
+    def __init__(self, model, x, y, loss_fn=F.cross_entropy):
+        super().__init__(model, x, y, loss_fn)
         try:
             from opacus import GradSampleModule
         except ImportError as exc:
@@ -188,7 +188,7 @@ class OpacusGSM(Method):
 
     def step(self) -> Norms:
         self.gsm.zero_grad(set_to_none=True)
-        F.cross_entropy(self.gsm(self.x), self.y).backward()
+        self.loss_fn(self.gsm(self.x), self.y).backward()
         return {
             k: p.grad_sample.flatten(1).pow(2).sum(1)
             for k, p in self.gsm._module.named_parameters()
@@ -205,8 +205,8 @@ class OpacusGhost(Method):
 
     name = "opacus-ghost"
 
-    def __init__(self, model, x, y):
-        super().__init__(model, x, y)
+    def __init__(self, model, x, y, loss_fn=F.cross_entropy):
+        super().__init__(model, x, y, loss_fn)
         try:
             from opacus.grad_sample import GradSampleModuleFastGradientClipping
         except ImportError as exc:
@@ -220,7 +220,7 @@ class OpacusGhost(Method):
 
     def step(self) -> Norms:
         self.gsm.zero_grad(set_to_none=True)
-        F.cross_entropy(self.gsm(self.x), self.y).backward()
+        self.loss_fn(self.gsm(self.x), self.y).backward()
         return {
             k: p._norm_sample.pow(2)
             for k, p in self.gsm._module.named_parameters()
@@ -237,17 +237,17 @@ def run_step(method: Method) -> None:
     """One step as timed: the step, plus a reduction that reads every norm."""
     norms = method.step()
     if norms:
-        torch.stack(list(norms.values())).sum(0)
+        torch.stack([v.sum() for v in norms.values()]).sum()
 
 
 # ---- correctness check --------------------------------------------------------------------
-def reference_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Norms:
+def reference_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy) -> Norms:
     """Per-sample squared gradient norms by one autograd backward per sample."""
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     rows = {k: [] for k in names}
     for i in range(x.shape[0]):
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        loss_fn(model(x[i : i + 1]), y[i : i + 1]).backward()
         for k, p in model.named_parameters():
             if k in rows:
                 rows[k].append(p.grad.pow(2).sum())
@@ -345,24 +345,29 @@ def peak_memory(method: Method, measure: Callable, runs: int = 3) -> int:
     return int(statistics.median(peaks))
 
 
-def setup_methods(name: str, wanted: List[str], seed: int):
-    base, x, y = models.build(name, seed)
+def _build_reference(name: str, seed: int):
+    return (*models.build(name, seed), F.cross_entropy)
+
+
+def setup_methods(name: str, wanted: List[str], seed: int, build: Callable = _build_reference, table=None):
+    """``build(name, seed) -> (model, x, y, loss_fn)``; one copy of the model per method."""
+    base, x, y, loss_fn = build(name, seed)
     methods, skipped = [], {}
     for key in wanted:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                methods.append(METHODS[key](copy.deepcopy(base), x, y))
+                methods.append((table or METHODS)[key](copy.deepcopy(base), x, y, loss_fn))
         except Unavailable as exc:
             skipped[key] = str(exc)
-    return base, x, y, methods, skipped
+    return base, x, y, loss_fn, methods, skipped
 
 
-def checked_methods(name: str, args) -> Tuple[List[Method], Dict[str, str]]:
+def checked_methods(name: str, args, build: Callable = _build_reference, table=None) -> Tuple[List[Method], Dict[str, str]]:
     """Set up the methods and check each against the per-sample reference."""
-    base, x, y, methods, skipped = setup_methods(name, args.methods, args.seed)
-    ref = reference_norms(base, x, y)
-    F.cross_entropy(base(x), y).backward()
+    base, x, y, loss_fn, methods, skipped = setup_methods(name, args.methods, args.seed, build, table)
+    ref = reference_norms(base, x, y, loss_fn)
+    loss_fn(base(x), y).backward()
     ref_grads = {k: p.grad.detach().clone() for k, p in base.named_parameters()}
     ok = []
     for m in methods:
@@ -397,10 +402,10 @@ def result_row(name: str, m: Method, times, paired, peaks) -> dict:
     }
 
 
-def bench_model(name: str, args) -> List[dict]:
+def bench_model(name: str, args, build: Callable = _build_reference, table=None) -> List[dict]:
     """Check, time, then measure memory of every method on one model; one row each."""
-    log(f"{name}: {models.PROBLEMS[name].description}")
-    ok, skipped = checked_methods(name, args)
+    log(f"{name}: {models.PROBLEMS[name].description if build is _build_reference else name}")
+    ok, skipped = checked_methods(name, args, build, table)
     plain = next(m for m in ok if m.name == "plain")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-VOCAB, T, IMG = 96, 16, 32
+# "test": tiny, for the exactness tests; "bench": larger, for benchmarks/zoo.py timings
+SIZES = {"test": dict(vocab=96, T=16, img=32, d=32, layers=2),
+         "bench": dict(vocab=1000, T=64, img=64, d=128, layers=4)}
+S = dict(SIZES["test"])  # the size being built (set by build())
 
 
 def _ce(out: Tensor, y: Tensor) -> Tensor:
@@ -43,15 +46,15 @@ class Logits(nn.Module):
         return self.model(input_ids=ids, **kw).logits
 
 
-def _tokens(B: int, classes: int = VOCAB) -> Tuple[Tensor, Tensor]:
-    ids = torch.randint(0, VOCAB, (B, T))
-    return ids, (ids if classes == VOCAB else torch.randint(0, classes, (B,)))
+def _tokens(B: int, classes: int = 0) -> Tuple[Tensor, Tensor]:
+    ids = torch.randint(0, S["vocab"], (B, S["T"]))
+    return ids, (ids if not classes else torch.randint(0, classes, (B,)))
 
 
 def gpt2(position_ids: bool = False, loss: bool = False):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=32, n_layer=2, n_head=2,
+    cfg = GPT2Config(vocab_size=S["vocab"], n_positions=S["T"], n_embd=S["d"], n_layer=S["layers"], n_head=2,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return Logits(GPT2LMHeadModel(cfg), position_ids, loss), _tokens, (_own_loss if loss else _ce)
 
@@ -59,8 +62,8 @@ def gpt2(position_ids: bool = False, loss: bool = False):
 def bert(position_ids: bool = False):
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=T, num_labels=3,
+    cfg = BertConfig(vocab_size=S["vocab"], hidden_size=S["d"], num_hidden_layers=S["layers"],
+                     num_attention_heads=2, intermediate_size=2 * S["d"], max_position_embeddings=S["T"], num_labels=3,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return Logits(BertForSequenceClassification(cfg), position_ids), lambda B: _tokens(B, 3), _ce
 
@@ -68,19 +71,20 @@ def bert(position_ids: bool = False):
 def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
+    cfg = LlamaConfig(vocab_size=S["vocab"], hidden_size=S["d"], intermediate_size=2 * S["d"],
+                      num_hidden_layers=S["layers"], num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=S["T"])
     return Logits(LlamaForCausalLM(cfg)), _tokens, _ce
 
 
 def _images(B: int, classes: int = 10) -> Tuple[Tensor, Tensor]:
-    return torch.randn(B, 3, IMG, IMG), torch.randint(0, classes, (B,))
+    return torch.randn(B, 3, S["img"], S["img"]), torch.randint(0, classes, (B,))
 
 
 def vit(layer_scale: bool = False):
     from timm.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(img_size=IMG, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+    model = VisionTransformer(img_size=S["img"], patch_size=8, embed_dim=S["d"], depth=S["layers"], num_heads=2,
                               num_classes=10, init_values=0.1 if layer_scale else None)
     return model, _images, _ce
 
@@ -88,13 +92,14 @@ def vit(layer_scale: bool = False):
 def convnext_timm():
     from timm.models.convnext import ConvNeXt
 
-    return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=10, ls_init_value=0.1), _images, _ce
+    w = S["d"] // 4
+    return ConvNeXt(depths=(1, 1, 1, 1), dims=(w, 2 * w, 3 * w, 4 * w), num_classes=10, ls_init_value=0.1), _images, _ce
 
 
 def swin():
     from timm.models.swin_transformer import SwinTransformer
 
-    model = SwinTransformer(img_size=IMG, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
+    model = SwinTransformer(img_size=S["img"], patch_size=2, window_size=4, embed_dim=S["d"] // 2, depths=(2, 2),
                             num_heads=(2, 4), num_classes=10, drop_path_rate=0.0)
     return model, _images, _ce
 
@@ -102,7 +107,7 @@ def swin():
 def mixer():
     from timm.models.mlp_mixer import MlpMixer
 
-    return MlpMixer(num_classes=10, img_size=IMG, patch_size=8, num_blocks=2, embed_dim=32), _images, _ce
+    return MlpMixer(num_classes=10, img_size=S["img"], patch_size=8, num_blocks=S["layers"], embed_dim=S["d"]), _images, _ce
 
 
 def resnet18(norm: str = "batch"):
@@ -118,7 +123,8 @@ def resnet18(norm: str = "batch"):
 def convnext_tv():
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
-    blocks = [CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)]
+    w = S["d"] // 4
+    blocks = [CNBlockConfig(w, 2 * w, 1), CNBlockConfig(2 * w, None, 1)]
     return ConvNeXt(blocks, num_classes=10), _images, _ce
 
 
@@ -140,8 +146,10 @@ ZOO: Dict[str, Tuple[str, Callable]] = {
 }
 
 
-def build(name: str, B: int, seed: int = 0):
-    """``(model, inputs, targets, loss_fn)`` of zoo entry ``name`` for a batch of ``B``."""
+def build(name: str, B: int, seed: int = 0, size: str = "test"):
+    """``(model, inputs, targets, loss_fn)`` of zoo entry ``name`` for a batch of ``B``
+    at ``size`` ("test" or "bench", see SIZES)."""
+    S.update(SIZES[size])
     torch.manual_seed(seed)
     model, make_batch, loss_fn = ZOO[name][1]()
     x, y = make_batch(B)
