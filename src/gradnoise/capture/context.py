@@ -180,6 +180,15 @@ class Capture:
                 return ExprRef(found[0], found[1], t, self.suspend)
         return None
 
+    def notable(self, t: torch.Tensor) -> bool:
+        """False for what needs no bookkeeping: data that requires grad, and constants."""
+        if self._lookup(t) is not None:
+            return True
+        tr = self.tracker
+        if t.requires_grad:
+            return tr.exprs.get(t) is not None or tr.pooled.get(t) is not None
+        return tr.kind(t) != "const"
+
     def count_use(self, ref) -> None:
         """One use of each parameter ``ref`` involves, in this forward pass."""
         for p in ref.params:

@@ -63,6 +63,8 @@ class Router(TorchFunctionMode):
             return self.table[func](cap, func, args, kwargs)
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
+        if func not in REDUCTIONS and not any(map(cap.notable, _tensors(args, kwargs))):
+            return func(*args, **kwargs)  # data that requires grad, and constants
         flat, spec = tree_flatten((args, kwargs))
         refs, kinds = {}, set()
         for i, t in enumerate(flat):
@@ -115,6 +117,17 @@ class Router(TorchFunctionMode):
                 if isinstance(o, torch.Tensor):
                     cap.tracker.data.add(o)
         return out
+
+
+def _tensors(args, kwargs) -> Iterator[torch.Tensor]:
+    """Tensor arguments, one level into lists and tuples (where rules' tensors are)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    yield b
 
 
 def _pools_samples(args, kwargs) -> bool:
