@@ -13,7 +13,7 @@ from problems import BY_NAME
 
 SEQUENCE = ["linear_seq", "linear_seq2d", "mha_self_batch_first", "mha_cross_kdim_vdim",
             "transformer_encoder_layer", "param_matmul", "linear_twice"]
-CONV = ["conv1d_stride_pad", "conv2d_groups2", "conv2d_same", "conv3d"]
+CONV = ["conv1d", "conv1d_stride_pad", "conv2d_groups2", "conv2d_same", "conv2d_dilation2", "conv2d_nobias", "conv3d"]
 B = 5
 
 
@@ -71,11 +71,30 @@ def test_linear_routes_and_chunks(name, route, chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("name", CONV)
-@pytest.mark.parametrize("chunk", [1, 2])
-def test_conv_chunks(name, chunk, monkeypatch):
-    got, want, seen = _run(name, Policy(None, chunk), monkeypatch)
+@pytest.mark.parametrize("route", ["gram", "materialise"])
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+def test_conv_routes_and_chunks(name, route, chunk, monkeypatch):
+    got, want, seen = _run(name, Policy(route, chunk), monkeypatch)
     _assert_match(got, want)
-    assert max(seen["starts"]) > 0
+    chunked = route == "materialise" or name == "conv3d"  # 3-D: grouped route, chunked
+    assert (max(seen["starts"]) > 0) == (chunk is not None and chunked)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_depthwise_conv_takes_the_grouped_route(chunk, monkeypatch):
+    from gradnoise.capture import conv
+
+    calls = []
+    real = conv._weight_grad_grouped
+    monkeypatch.setattr(conv, "_weight_grad_grouped", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, groups=3), torch.nn.Flatten(), torch.nn.Linear(3 * 16, 2)).double()
+    x, y = torch.randn(B, 3, 6, 6, dtype=torch.float64), torch.randint(0, 2, (B,))
+    with gradnoise.capture.Capture(model, policy=Policy(None, chunk)) as cap:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    monkeypatch.undo()
+    assert calls
+    _assert_match(cap.per_sample_sq_norms, R.per_sample_sq_norms(model, torch.nn.functional.cross_entropy, x, y))
 
 
 def test_automatic_route_choice():

@@ -1,6 +1,9 @@
-"""Convolutions (1-, 2- and 3-D): per-sample weight gradients by a grouped convolution.
+"""Convolutions (1-, 2- and 3-D): per-sample weight gradients.
 
-For input ``x`` ``[N, C_in, *S]`` and output gradient ``δ`` ``[N, C_out, *S']`` the
+1-D and 2-D: from the unfolded input, by batched matmul (materialised, the weight
+gradient is their sum) or by Gram matrices (norms only), whichever costs less
+(:func:`_weight_grad_unfolded`). 3-D and depthwise: by a grouped convolution, as
+follows. For input ``x`` ``[N, C_in, *S]`` and output gradient ``δ`` ``[N, C_out, *S']`` the
 per-sample weight gradient is the weight gradient of the convolution applied to sample
 ``n`` alone. Folding the batch into the channel dimension (``[1, N·C_in, *S]``) and
 multiplying the groups by ``N`` turns all of them into one grouped weight-gradient
@@ -48,21 +51,85 @@ class ConvFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = _conv_backward(gy, x, weight, None, stride, padding, dilation, False, zeros, groups, [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            step = site.policy.chunk(chunk_size(n, k * weight.numel(), x.numel() // 8))
-            for lo in range(0, n, step):
-                rows = slice(lo * k, (lo + step) * k)
-                g = _per_sample_weight_grads(x[rows], gy[rows], weight, stride, padding, dilation, groups)
-                if k > 1:
-                    g = g.view(-1, k, *weight.shape).sum(1)
-                site.give(site.weight, lambda: sq_norms(g.flatten(1)), lambda: g, n, lo)
-                part = g.sum(0)
-                gw = part if gw is None else gw.add_(part)
-                del g, part  # free this chunk before the next one is allocated
+            # depthwise: the unfolded input would be k× the activation for tiny matmuls
+            if len(stride) <= 2 and (weight.shape[1] > 1 or site.policy.route is not None):
+                gw = _weight_grad_unfolded(site, x, gy, weight, ctx.conf, n)
+            else:
+                gw = _weight_grad_grouped(site, x, gy, weight, ctx.conf, n)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             per = gy.flatten(2).sum(2).view(n, k, -1).sum(1)  # [N, C_out]
             site.give(site.bias, lambda: sq_norms(per), lambda: per, n)
             gb = per.sum(0)
         return gx, gw, gb, None, None, None, None, None, None
+
+
+def _weight_grad_grouped(site: Site, x, gy, weight, conf, n: int) -> torch.Tensor:
+    """3-D convolutions: per-sample ``G_n`` by one grouped weight-gradient convolution
+    per chunk (the batch folded into the groups); returns ``Σ_n G_n``."""
+    stride, padding, dilation, groups = conf
+    k = x.shape[0] // n
+    gw = None
+    step = site.policy.chunk(chunk_size(n, k * weight.numel(), x.numel() // 8))
+    for lo in range(0, n, step):
+        rows = slice(lo * k, (lo + step) * k)
+        g = _per_sample_weight_grads(x[rows], gy[rows], weight, stride, padding, dilation, groups)
+        if k > 1:
+            g = g.view(-1, k, *weight.shape).sum(1)
+        site.give(site.weight, lambda: sq_norms(g.flatten(1)), lambda: g, n, lo)
+        part = g.sum(0)
+        gw = part if gw is None else gw.add_(part)
+        del g, part  # free this chunk before the next one is allocated
+    return gw
+
+
+def _weight_grad_unfolded(site: Site, x, gy, weight, conf, n: int) -> torch.Tensor:
+    """1-D and 2-D convolutions from the unfolded input ``U_n`` ``[g, C_in/g·k, P]`` (``P``
+    output positions of all ``k`` rows of sample ``n``) and ``δ_n`` ``[g, C_out/g, P]``:
+
+    * materialised: ``G_n = δ_n U_nᵀ`` by batched matmul, chunked; the weight gradient
+      is ``Σ_n G_n``;
+    * Gram: ``||G_n||² = Σ_{t,s} (u_t·u_s)(δ_t·δ_s)`` per group, ``O(P²(C_in k + C_out))``
+      on top of the ordinary weight gradient: far cheaper where ``P`` is small against
+      the channels (late CNN stages).
+
+    The route is the cheaper by the same rule as Linear's, unless the policy forces it."""
+    stride, padding, dilation, groups = conf
+    rows, c_out = x.shape[0], weight.shape[0]
+    x2, gy2 = (x, gy) if x.dim() == 4 else (x.unsqueeze(2), gy.unsqueeze(2))
+    kernel = weight.shape[2:] if weight.dim() == 4 else (1, weight.shape[2])
+    two = lambda v, pad=1: list(v) if len(v) == 2 else [pad, v[0]]  # noqa: E731
+    u = F.unfold(x2, kernel, dilation=two(dilation), padding=two(padding, 0), stride=two(stride))
+    k = rows // n
+    ck, pos = u.shape[1] // groups, u.shape[2]
+    # [n, g, C·k/g, k·P]: each sample's rows side by side as positions
+    u = u.view(n, k, groups, ck, pos).permute(0, 2, 3, 1, 4).reshape(n, groups, ck, k * pos)
+    d = gy2.reshape(n, k, groups, c_out // groups, pos).permute(0, 2, 3, 1, 4).reshape(n, groups, c_out // groups, k * pos)
+    route = site.policy.route
+    if route is None:
+        d_in, d_out, t = ck, c_out // groups, k * pos
+        step = chunk_size(n, weight.numel(), x.numel())
+        route = "materialise" if step >= min(n, 8) or t * (d_in + d_out) > d_in * d_out else "gram"
+    ref = site.weight
+    if ref is not None and (site.wants_grads(ref) or route == "materialise"):
+        step = site.policy.chunk(chunk_size(n, weight.numel(), max(u.numel(), x.numel())))
+        gw = None
+        for lo in range(0, n, step):
+            uc, dc = u[lo : lo + step], d[lo : lo + step]
+            c = uc.shape[0]
+            g = torch.bmm(dc.reshape(c * groups, *dc.shape[2:]), uc.reshape(c * groups, *uc.shape[2:]).transpose(1, 2))
+            g = g.view(c, *weight.shape)
+            site.give(ref, lambda g=g: sq_norms(g.flatten(1)), lambda g=g: g, n, lo)
+            part = g.sum(0)
+            gw = part if gw is None else gw.add_(part)
+            del g, part
+        return gw
+    if ref is not None:
+        ut, dt = u.reshape(n * groups, ck, -1), d.reshape(n * groups, c_out // groups, -1)
+        gram = torch.bmm(ut.transpose(1, 2), ut).mul_(torch.bmm(dt.transpose(1, 2), dt))
+        sq = gram.sum((1, 2)).view(n, groups).sum(1)
+        site.give(ref, lambda: sq, lambda: None, n)
+    return _conv_backward(gy, x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
+                          [False, True, False])[1]
 
 
 def _per_sample_weight_grads(x, gy, weight, stride, padding, dilation, groups) -> torch.Tensor:
