@@ -10,6 +10,8 @@ own copy of the same weights and batch, checked against a per-sample autograd lo
 then rounds in which each method runs right next to a plain step (2 threads, medians).
 Peak memory is measured afterwards in separate runs.
 
+The ``floor-mode`` row is the plain step under a torch-function mode that only passes
+each call through: what any engine that routes the model's calls in Python pays first.
 The ``monitor/10`` row is a training loop with ``NoiseMonitor(source="per_sample",
 every=10)``: blocks of ten steps (one measured) alternate with ten plain steps; its
 ratio is the median over blocks of the block-time ratio, i.e. the mean cost per step.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import List
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, load_average, log, setup_path, split_checked, write_json  # noqa: E402
@@ -35,7 +38,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import overhead  # noqa: E402  (benchmarks/overhead.py)
 import zoo_models  # noqa: E402  (tests/zoo_models.py)
 
-METHODS = ("plain", "gradnoise", "torch.func", "opacus", "opacus-ghost")
+METHODS = ("plain", "gradnoise", "torch.func", "opacus", "opacus-ghost", "floor-mode")
+
+
+class _PassThrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class FloorMode(overhead.Plain):
+    """The floor of any engine that sees the model's torch calls in Python: the plain
+    step under a torch-function mode that only passes each call through."""
+
+    name = "floor-mode"
+
+    def step(self) -> None:
+        with _PassThrough():
+            super().step()
+
+
+TABLE = {**overhead.METHODS, FloorMode.name: FloorMode}
 
 
 def monitor_ratio(name: str, args) -> dict:
@@ -104,7 +126,7 @@ def main(argv=None) -> int:
     for name in args.models:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rows.extend(overhead.bench_model(name, args, build))
+            rows.extend(overhead.bench_model(name, args, build, TABLE))
             if not args.no_monitor:
                 rows.append(monitor_ratio(name, args))
     print(markdown(rows))

@@ -76,8 +76,7 @@ def test_linear_routes_and_chunks(name, route, chunk, monkeypatch):
 def test_conv_routes_and_chunks(name, route, chunk, monkeypatch):
     got, want, seen = _run(name, Policy(route, chunk), monkeypatch)
     _assert_match(got, want)
-    chunked = route == "materialise" or name == "conv3d"  # 3-D: grouped route, chunked
-    assert (max(seen["starts"]) > 0) == (chunk is not None and chunked)
+    assert (max(seen["starts"]) > 0) == (chunk is not None)
 
 
 @pytest.mark.parametrize("chunk", [None, 2])

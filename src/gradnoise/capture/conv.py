@@ -51,8 +51,11 @@ class ConvFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = _conv_backward(gy, x, weight, None, stride, padding, dilation, False, zeros, groups, [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            # depthwise: the unfolded input would be k× the activation for tiny matmuls
-            if len(stride) <= 2 and (weight.shape[1] > 1 or site.policy.route is not None):
+            # the grouped route is slow only when it needs many small chunks (wide
+            # layers); depthwise layers would unfold to kernel× the input for tiny matmuls
+            grouped_step = chunk_size(n, k * weight.numel(), x.numel() // 8)
+            if len(stride) <= 2 and (site.policy.route is not None
+                                     or (weight.shape[1] > 1 and grouped_step < min(n, 8))):
                 gw = _weight_grad_unfolded(site, x, gy, weight, ctx.conf, n)
             else:
                 gw = _weight_grad_grouped(site, x, gy, weight, ctx.conf, n)
@@ -84,52 +87,63 @@ def _weight_grad_grouped(site: Site, x, gy, weight, conf, n: int) -> torch.Tenso
 
 def _weight_grad_unfolded(site: Site, x, gy, weight, conf, n: int) -> torch.Tensor:
     """1-D and 2-D convolutions from the unfolded input ``U_n`` ``[g, C_in/g·k, P]`` (``P``
-    output positions of all ``k`` rows of sample ``n``) and ``δ_n`` ``[g, C_out/g, P]``:
+    output positions of all rows of sample ``n``) and ``δ_n`` ``[g, C_out/g, P]``:
 
-    * materialised: ``G_n = δ_n U_nᵀ`` by batched matmul, chunked; the weight gradient
-      is ``Σ_n G_n``;
+    * materialised: ``G_n = δ_n U_nᵀ`` by batched matmul; the weight gradient is
+      ``Σ_n G_n``;
     * Gram: ``||G_n||² = Σ_{t,s} (u_t·u_s)(δ_t·δ_s)`` per group, ``O(P²(C_in k + C_out))``
       on top of the ordinary weight gradient: far cheaper where ``P`` is small against
       the channels (late CNN stages).
 
-    The route is the cheaper by the same rule as Linear's, unless the policy forces it."""
-    stride, padding, dilation, groups = conf
-    rows, c_out = x.shape[0], weight.shape[0]
-    x2, gy2 = (x, gy) if x.dim() == 4 else (x.unsqueeze(2), gy.unsqueeze(2))
-    kernel = weight.shape[2:] if weight.dim() == 4 else (1, weight.shape[2])
-    two = lambda v, pad=1: list(v) if len(v) == 2 else [pad, v[0]]  # noqa: E731
-    u = F.unfold(x2, kernel, dilation=two(dilation), padding=two(padding, 0), stride=two(stride))
-    k = rows // n
-    ck, pos = u.shape[1] // groups, u.shape[2]
-    # [n, g, C·k/g, k·P]: each sample's rows side by side as positions
-    u = u.view(n, k, groups, ck, pos).permute(0, 2, 3, 1, 4).reshape(n, groups, ck, k * pos)
-    d = gy2.reshape(n, k, groups, c_out // groups, pos).permute(0, 2, 3, 1, 4).reshape(n, groups, c_out // groups, k * pos)
+    Samples are unfolded chunk by chunk (memory bounded as for Linear). The route is
+    the cheaper by the same rule as Linear's, unless the policy forces it."""
+    groups = conf[3]
+    k = x.shape[0] // n
+    d_in, d_out, t = weight[0].numel(), weight.shape[0] // groups, k * gy[0, 0].numel()
     route = site.policy.route
     if route is None:
-        d_in, d_out, t = ck, c_out // groups, k * pos
         step = chunk_size(n, weight.numel(), x.numel())
         route = "materialise" if step >= min(n, 8) or t * (d_in + d_out) > d_in * d_out else "gram"
     ref = site.weight
-    if ref is not None and (site.wants_grads(ref) or route == "materialise"):
-        step = site.policy.chunk(chunk_size(n, weight.numel(), max(u.numel(), x.numel())))
-        gw = None
-        for lo in range(0, n, step):
-            uc, dc = u[lo : lo + step], d[lo : lo + step]
-            c = uc.shape[0]
-            g = torch.bmm(dc.reshape(c * groups, *dc.shape[2:]), uc.reshape(c * groups, *uc.shape[2:]).transpose(1, 2))
-            g = g.view(c, *weight.shape)
+    materialise = ref is not None and (site.wants_grads(ref) or route == "materialise")
+    per_sample = groups * d_in * t + (weight.numel() if materialise else groups * t * t)
+    # budget: the size of the whole unfolded input (what an im2col convolution holds)
+    step = site.policy.chunk(chunk_size(n, per_sample, x.numel() * weight[0, 0].numel()))
+    gw = None
+    for lo in range(0, n, step):
+        rows = slice(lo * k, (lo + step) * k)
+        u, d = _unfold(x[rows], gy[rows], weight, conf, k)  # [c·g, C·k/g, P], [c·g, C_out/g, P]
+        c = u.shape[0] // groups
+        if materialise:
+            g = torch.bmm(d, u.transpose(1, 2)).view(c, *weight.shape)
             site.give(ref, lambda g=g: sq_norms(g.flatten(1)), lambda g=g: g, n, lo)
             part = g.sum(0)
             gw = part if gw is None else gw.add_(part)
             del g, part
+        elif ref is not None:
+            gram = torch.bmm(u.transpose(1, 2), u).mul_(torch.bmm(d.transpose(1, 2), d))
+            sq = gram.sum((1, 2)).view(c, groups).sum(1)
+            site.give(ref, lambda sq=sq: sq, lambda: None, n, lo)
+        del u, d
+    if materialise:
         return gw
-    if ref is not None:
-        ut, dt = u.reshape(n * groups, ck, -1), d.reshape(n * groups, c_out // groups, -1)
-        gram = torch.bmm(ut.transpose(1, 2), ut).mul_(torch.bmm(dt.transpose(1, 2), dt))
-        sq = gram.sum((1, 2)).view(n, groups).sum(1)
-        site.give(ref, lambda: sq, lambda: None, n)
+    stride, padding, dilation, _ = conf
     return _conv_backward(gy, x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
                           [False, True, False])[1]
+
+
+def _unfold(x, gy, weight, conf, k: int):
+    """Unfolded input ``[c·g, C_in/g·kernel, k·P]`` and output gradient
+    ``[c·g, C_out/g, k·P]`` of ``c`` samples (``k`` rows each, side by side)."""
+    stride, padding, dilation, groups = conf
+    x2, gy2 = (x, gy) if x.dim() == 4 else (x.unsqueeze(2), gy.unsqueeze(2))
+    kernel = weight.shape[2:] if weight.dim() == 4 else (1, weight.shape[2])
+    two = lambda v, pad=1: list(v) if len(v) == 2 else [pad, v[0]]  # noqa: E731
+    u = F.unfold(x2, kernel, dilation=two(dilation), padding=two(padding, 0), stride=two(stride))
+    c, pos, c_out = x.shape[0] // k, u.shape[2], weight.shape[0]
+    u = u.view(c, k, groups, -1, pos).permute(0, 2, 3, 1, 4).reshape(c * groups, -1, k * pos)
+    d = gy2.reshape(c, k, groups, c_out // groups, pos).permute(0, 2, 3, 1, 4).reshape(c * groups, c_out // groups, k * pos)
+    return u, d
 
 
 def _per_sample_weight_grads(x, gy, weight, stride, padding, dilation, groups) -> torch.Tensor:
