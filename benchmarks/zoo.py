@@ -30,7 +30,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, load_average, log, setup_path, split_checked, write_json  # noqa: E402
+from common import add_common_args, load_average, setup_path, split_checked, write_json  # noqa: E402
 
 setup_path()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

@@ -9,7 +9,6 @@ from torch import nn
 import gradnoise
 from gradnoise.errors import (
     CaptureStateError,
-    FallbackError,
     ReductionError,
     SampleMixingError,
     UnsupportedUseError,

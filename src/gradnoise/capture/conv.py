@@ -67,8 +67,9 @@ class ConvFn(torch.autograd.Function):
 
 
 def _weight_grad_grouped(site: Site, x, gy, weight, conf, n: int) -> torch.Tensor:
-    """3-D convolutions: per-sample ``G_n`` by one grouped weight-gradient convolution
-    per chunk (the batch folded into the groups); returns ``Σ_n G_n``."""
+    """3-D, depthwise and narrow convolutions: per-sample ``G_n`` by one grouped
+    weight-gradient convolution per chunk (the batch folded into the groups); returns
+    ``Σ_n G_n``."""
     stride, padding, dilation, groups = conf
     k = x.shape[0] // n
     gw = None
@@ -78,7 +79,7 @@ def _weight_grad_grouped(site: Site, x, gy, weight, conf, n: int) -> torch.Tenso
         g = _per_sample_weight_grads(x[rows], gy[rows], weight, stride, padding, dilation, groups)
         if k > 1:
             g = g.view(-1, k, *weight.shape).sum(1)
-        site.give(site.weight, lambda: sq_norms(g.flatten(1)), lambda: g, n, lo)
+        site.give(site.weight, lambda g=g: sq_norms(g.flatten(1)), lambda g=g: g, n, lo)
         part = g.sum(0)
         gw = part if gw is None else gw.add_(part)
         del g, part  # free this chunk before the next one is allocated
