@@ -71,10 +71,9 @@ def handle_direct(cap, func, flat: list, spec, refs: dict, what: str):
 
 
 def _mode(t: torch.Tensor, rows: int, ndim: int, what: str, broadcasting: bool) -> str:
-    # ndim: the data's; a tensor with as many dims and ``rows`` rows lines up with it
-    """How the measured tensor ``t`` lines up with the data's ``rows`` rows: its own rows
-    ("aligned"), or shared by all ("broadcast"; in a broadcasting call only when its
-    leading dimension is absent or 1)."""
+    """How the measured tensor ``t`` lines up with the data's ``rows`` rows (``ndim``: the
+    data's dims): its own rows ("aligned": as many dims and ``rows`` rows), or shared by
+    all ("broadcast"; in a broadcasting call only when its leading dim is absent or 1)."""
     if t.dim() == ndim and t.shape[0] == rows and rows > 1:
         return "aligned0" if t.stride(0) == 0 else "aligned"
     if not broadcasting or t.dim() < ndim or t.shape[0] == 1:
@@ -179,9 +178,9 @@ def _tap_outputs(out, live: List[int], callback):
     tapped = Tap.apply(callback, *[outs[j] for j in live])
     for j, t in zip(live, tapped):
         outs[j] = t
-    if isinstance(out, (list, tuple)):
-        return type(out)(outs) if isinstance(out, tuple) and not hasattr(out, "_fields") else outs
-    return outs[0]
+    if isinstance(out, tuple):
+        return tuple(outs)
+    return outs if isinstance(out, list) else outs[0]
 
 
 class Tap(torch.autograd.Function):
