@@ -135,3 +135,33 @@ def test_folded_rows(chunk):
     with gradnoise.capture.Capture(model, policy=Policy(None, chunk)) as cap:
         loss_fn(model(x), y).backward()
     _assert_match(cap.per_sample_sq_norms, R.per_sample_sq_norms(model, loss_fn, x, y))
+
+
+class TokenTypes(torch.nn.Module):
+    """BERT's pattern: a table looked up with constant ids expanded to ``[B, T]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.types = torch.nn.Embedding(3, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        ids = torch.tensor([0, 1, 1, 2, 0])[: x.shape[1]].expand(x.shape[0], -1)
+        return self.head(torch.tanh(x + self.types(ids))).mean(1)
+
+
+def test_table_of_constant_ids_aligned_with_the_batch(monkeypatch):
+    from gradnoise.capture import direct
+
+    calls = []
+    real = direct.give_table
+    monkeypatch.setattr(direct, "give_table", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = TokenTypes().double()
+    x, y = torch.randn(B, 5, 4, dtype=torch.float64), torch.randint(0, 2, (B,))
+    loss_fn = torch.nn.functional.cross_entropy
+    with gradnoise.capture(model) as cap:
+        loss_fn(model(x), y).backward()
+    monkeypatch.undo()
+    assert calls == [1]
+    _assert_match(cap.per_sample_sq_norms, R.per_sample_sq_norms(model, loss_fn, x, y))

@@ -30,6 +30,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_unflatten
 
 from ..errors import SampleMixingError, UnsupportedUseError
+from .embedding import give_table, table_lookup
 from .site import give, sq_norms
 
 _T = torch.Tensor
@@ -103,6 +104,10 @@ def _give_rows(cap, ref, t: torch.Tensor, mode: str, g: torch.Tensor, n: int) ->
         cot = per.reshape(n, *t.shape)
     elif mode == "aligned0":
         ref, cot = ref.first_row(), per.unsqueeze(1)
+    elif (lookup := table_lookup(ref)) is not None and lookup[0].shape[0] == rows:
+        ids, table, pad = lookup  # row r of t is table[ids[r]]: per-sample rows directly
+        give_table(cap.store, table, ids, g, n, table.param.shape[0], pad)
+        return
     else:  # each sample's rows of t, zero elsewhere
         k = rows // n
         cot = g.new_zeros(n, n, k, *g.shape[1:])
