@@ -163,3 +163,38 @@ def test_debug_after_the_subcommand(tmp_path):
     assert _parser().parse_args(["study", "--debug"]).debug is True
     assert _parser().parse_args(["--debug", "report", "x.jsonl"]).debug is True
     assert _parser().parse_args(["report", "x.jsonl"]).debug is False
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["study", "law", "--lr", "0"], "--lr"),
+    (["study", "law", "--lr", "nan"], "--lr"),
+    (["study", "law", "--lr", "-1"], "--lr"),
+    (["study", "law", "--lr", "0.1,0.2"], "--lr"),
+    (["study", "lr-batch", "--lrs", "0.1,inf"], "--lrs"),
+    (["study", "critical-batch", "--batch-sizes", "8,0"], "--batch-sizes"),
+    (["study", "critical-batch", "--target-loss", "inf"], "--target-loss"),
+    (["measure", "--batch-size", "1"], "--batch-size"),
+])
+def test_bad_options_fail_before_any_work(tmp_path, capsys, argv, needle):
+    """Options are checked when parsed: argparse's usage and one error line naming the
+    option, exit 2, and no output folder is made."""
+    from gradnoise.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main(argv + (["--out", str(out)] if argv[0] == "study" else []))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage:") and "error: argument" in err[-1] and needle in err[-1], err
+    assert sum("error" in line for line in err) == 1
+    assert not out.exists()
+
+
+def test_warnings_have_one_prefix(capsys):
+    import warnings as w
+
+    from gradnoise.cli import _show_warning
+
+    _show_warning(w.WarningMessage("gradnoise: this batch has NaN", RuntimeWarning, "f", 1).message,
+                  RuntimeWarning, "f", 1)
+    assert capsys.readouterr().err == "gradnoise: warning: this batch has NaN\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from typing import List, Optional
@@ -27,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("measure", help="per-layer gradient noise of one batch of the built-in digits data")
     _debug_option(m)
     m.add_argument("--model", choices=MODELS, default="mlp")
-    m.add_argument("--batch-size", type=int, default=128)
+    m.add_argument("--batch-size", type=_count, default=128)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _study_parser(sub)
@@ -58,10 +59,10 @@ def _study_parser(sub) -> None:
                    help="tiny: a smoke run in seconds (numbers too rough to read)")
     s.add_argument("--run", action="append", default=[], metavar="RUN.jsonl",
                    help="run file(s) for the recommend study (default: the trajectory study's)")
-    s.add_argument("--lr", type=float, help="SGD learning rate of law and trajectory (default 0.1)")
+    s.add_argument("--lr", type=_positive, help="SGD learning rate of law and trajectory (default 0.1)")
     s.add_argument("--lrs", type=_floats, help="comma-separated learning-rate grid of the sweeps")
     s.add_argument("--batch-sizes", type=_ints, help="comma-separated batch sizes of the sweeps")
-    s.add_argument("--target-loss", type=float, help="full-data loss the critical-batch runs train to (default 0.2)")
+    s.add_argument("--target-loss", type=_positive, help="full-data loss the critical-batch runs train to (default 0.2)")
     _debug_option(s)
 
 
@@ -70,9 +71,25 @@ def _floats(text: str) -> List[float]:
         vals = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not vals or any(v <= 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"need positive numbers, got {text!r}")
+    if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"need finite positive numbers, got {text!r}")
     return vals
+
+
+def _positive(text: str) -> float:
+    """One finite number > 0 (a learning rate, a target loss)."""
+    vals = _floats(text)
+    if len(vals) != 1:
+        raise argparse.ArgumentTypeError(f"need one finite positive number, got {text!r}")
+    return vals[0]
+
+
+def _count(text: str) -> int:
+    """A whole number ≥ 2 (a batch size: B = 1 has no sample variance)."""
+    vals = _ints(text)
+    if len(vals) != 1 or vals[0] < 2:
+        raise argparse.ArgumentTypeError(f"need a whole number of at least 2, got {text!r}")
+    return vals[0]
 
 
 def _ints(text: str) -> List[int]:
@@ -139,7 +156,9 @@ def run_report(args, out=None) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"gradnoise: warning: {message}", file=sys.stderr)
+    text = str(message)
+    text = text[len("gradnoise: "):] if text.startswith("gradnoise: ") else text
+    print(f"gradnoise: warning: {text}", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
