@@ -170,6 +170,24 @@ def test_exception_between_forward_and_step_leaves_nothing_active():
     mon.close()
 
 
+def test_a_second_capture_beside_the_monitors_is_refused():
+    """The monitor's capture has no router on the stack between forward and step();
+    another capture of the same model is still refused, and works once step() closed it."""
+    model = mlp()
+    x, y = batch(8, 0)
+    mon = gradnoise.NoiseMonitor(model, source="per_sample")
+    loss = F.cross_entropy(model(x), y)
+    with pytest.raises(gradnoise.CaptureStateError, match="already open"):
+        with gradnoise.capture(model):
+            pass
+    loss.backward()
+    assert mon.step() is not None
+    mon.close()
+    with gradnoise.capture(model) as cap:
+        F.cross_entropy(model(x), y).backward()
+    assert cap.batch_size == 8
+
+
 def test_exception_inside_the_forward_leaves_nothing_active():
     class Fails(nn.Module):
         def __init__(self):

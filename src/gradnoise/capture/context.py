@@ -33,10 +33,6 @@ from .tracking import Tracker
 
 _REDUCTIONS = ("mean", "sum")
 
-try:
-    from torch.overrides import _get_current_function_mode_stack as _mode_stack
-except ImportError:  # pragma: no cover
-    _mode_stack = None
 
 
 class Capture:
@@ -85,12 +81,11 @@ class Capture:
     def __enter__(self) -> "Capture":
         if self._state != "new":
             raise CaptureStateError("a capture can be entered only once; make a new one")
-        for mode in _open_routers():
-            if mode.capture.model is self.model:
-                raise CaptureStateError(
-                    f"a capture of this {type(self.model).__name__} is already open; "
-                    "close it before opening another"
-                )
+        if _open_capture(self.model) is not None:
+            raise CaptureStateError(
+                f"a capture of this {type(self.model).__name__} is already open; "
+                "close it before opening another"
+            )
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         _refuse_sharded(self.model, named)
         self._params: Dict[str, nn.Parameter] = dict(named)
@@ -392,7 +387,11 @@ def _refuse_sharded(model: nn.Module, named) -> None:
             )
 
 
-def _open_routers():
-    if _mode_stack is None:  # pragma: no cover
-        return []
-    return [m for m in _mode_stack() if isinstance(m, Router)]
+def _open_capture(model: nn.Module) -> Optional[Capture]:
+    """The open capture of ``model``, found by the forward pre-hook every capture puts on
+    its model (whatever its scope, with or without its router on the stack)."""
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, Capture) and owner._state == "open":
+            return owner
+    return None
