@@ -31,15 +31,19 @@ def weights(n, beta):
 
 
 def fieller(mt, ms, vt, vs, c, z=smoothing.Z95):
-    """Fieller's interval written out: the roots of ``(T̄ − ρS̄)² = z²(v_T − 2ρc + ρ²v_S)``."""
+    """Fieller's set written out, as the hull of its part with ρ ≥ 0: scan a fine grid of
+    ρ ≥ 0 for ``(T̄ − ρS̄)² ≤ z²(v_T − 2ρc + ρ²v_S)`` (bounded case: the exact roots)."""
     a = ms * ms - z * z * vs
     b = mt * ms - z * z * c
     cc = mt * mt - z * z * vt
     disc = b * b - a * cc
-    if a <= 0 or disc < 0:
-        return -math.inf, math.inf
-    r = math.sqrt(disc)
-    return (b - r) / a, (b + r) / a
+    if a > 0 and disc >= 0:
+        r = math.sqrt(disc)
+        return max((b - r) / a, 0.0), max((b + r) / a, 0.0)
+    rho = np.concatenate([[0.0], np.logspace(-6, 8, 200001)])
+    inside = (mt - rho * ms) ** 2 <= z * z * (vt - 2 * rho * c + rho * rho * vs)
+    assert inside[-1], "an unbounded Fieller set holds every large ρ"
+    return float(rho[np.argmax(inside)]), math.inf
 
 
 # ------------------------------------------------------------------------ the EMA
@@ -213,14 +217,33 @@ def test_fieller_unbounded_when_denominator_not_significant():
     ms = smoothing.means(state, beta)[1]
     vs = smoothing.covariance(state, beta)[1]
     assert ms * ms <= smoothing.Z95**2 * vs
-    assert smoothing.ratio_interval(state, beta) == (-math.inf, math.inf)
+    lo, hi = smoothing.ratio_interval(state, beta)
+    assert hi == math.inf and lo >= 0.0  # never a negative bound for a noise scale
+    mt, vt, c = smoothing.means(state, beta)[0], smoothing.covariance(state, beta)[0], smoothing.covariance(state, beta)[2]
+    assert lo == pytest.approx(fieller(mt, ms, vt, vs, c)[0], rel=1e-3, abs=1e-5)
     # a larger z widens a bounded interval until it, too, is unbounded
     ts, ss = rng.normal(20, 2, 30), rng.normal(2, 0.6, 30)
     state = fold(ts, ss, beta)
     lo95, hi95 = smoothing.ratio_interval(state, beta)
     lo99, hi99 = smoothing.ratio_interval(state, beta, z=2.576)
     assert math.isfinite(lo95) and lo99 < lo95 < hi95 < hi99
-    assert smoothing.ratio_interval(state, beta, z=50.0) == (-math.inf, math.inf)
+    assert smoothing.ratio_interval(state, beta, z=50.0)[1] == math.inf
+
+
+def test_fieller_upper_ray_is_a_lower_bound_and_the_whole_line_is_undetermined():
+    """S̄ not clearly above zero: Fieller's set is two rays ρ ≤ r₁ < 0 and ρ ≥ r₂ — the
+    interval is the lower bound ``(r₂, inf)`` — or the whole line, ``(0, inf)``. A clear
+    signal whose interval dips below zero is clipped at 0."""
+    z2 = smoothing.Z95 ** 2
+    for mt, ms, vt, vs, c in [(20.0, 0.1, 1.0, 1.0, 0.0),     # rays: lower bound r₂ > 0
+                              (0.1, 0.1, 1.0, 1.0, 0.0)]:     # T̄ not significant either: whole line
+        a, b, cc = ms * ms - z2 * vs, mt * ms - z2 * c, mt * mt - z2 * vt
+        expected = fieller(mt, ms, vt, vs, c)
+        got = smoothing._fieller(mt, ms, vt, vs, c, smoothing.Z95)
+        assert got[1] == math.inf and got[0] == pytest.approx(expected[0], rel=1e-3, abs=1e-5)
+        assert (b * b - a * cc > 0) == (got[0] > 0)
+    lo, hi = smoothing._fieller(0.5, 2.0, 1.0, 0.01, 0.0, smoothing.Z95)  # T̄ ± 1.96 crosses 0
+    assert lo == 0.0 and 0 < hi < math.inf
 
 
 # ---------------------------------------------------------------- coverage by simulation

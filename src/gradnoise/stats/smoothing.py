@@ -10,8 +10,11 @@ vary independently around a common mean::
 
 with ``σ_T²``, ``σ_S²`` and ``σ_TS`` the weighted (co)variances of the steps, also kept
 as EMAs. The 95 % interval for ``ρ = E[T]/E[S]`` is Fieller's: the ``ρ`` with
-``(T̄ − ρ S̄)² ≤ z² (v_T − 2ρ c + ρ² v_S)``. It is unbounded, ``(−inf, inf)``, when
-``S̄`` is not clearly above zero (``S̄² ≤ z² v_S``): the noise then hides the signal.
+``(T̄ − ρ S̄)² ≤ z² (v_T − 2ρ c + ρ² v_S)``, intersected with ``ρ ≥ 0`` (a noise scale
+cannot be negative; DESIGN.md §1, Display). When ``S̄`` is not clearly above zero
+(``S̄² ≤ z² v_S``) Fieller's set is unbounded: either the whole line — the interval is
+then ``(0, inf)``, "not determined" — or two rays ``ρ ≤ r₁``, ``ρ ≥ r₂``; with ``r₁ < 0``
+only the upper ray is left and the interval is ``(r₂, inf)``, a lower bound.
 
 State is explicit and immutable (``init`` / ``update``), as in Optax.
 """
@@ -98,17 +101,46 @@ def covariance(state: EmaState, beta: float) -> Tuple[float, float, float]:
 
 
 def ratio_interval(state: EmaState, beta: float, z: float = Z95) -> Tuple[float, float]:
-    """Fieller's interval for ``E[T]/E[S]``; ``(nan, nan)`` below two steps."""
+    """Fieller's interval for ``E[T]/E[S] ≥ 0``, clipped to ``[0, inf)``; ``(nan, nan)``
+    below two steps (module docstring)."""
     mt, ms = means(state, beta)
     v_t, v_s, c = covariance(state, beta)
     if not all(map(math.isfinite, (mt, ms, v_t, v_s, c))):
         return math.nan, math.nan
+    return _fieller(mt, ms, v_t, v_s, c, z)
+
+
+def _fieller(mt: float, ms: float, v_t: float, v_s: float, c: float, z: float) -> Tuple[float, float]:
+    """The hull of Fieller's set for means ``(T̄, S̄)`` with (co)variances ``v_T, v_S, c``
+    within ``ρ ≥ 0``."""
     z2 = z * z
     a = ms * ms - z2 * v_s
     b = mt * ms - z2 * c
     cc = mt * mt - z2 * v_t
     disc = b * b - a * cc
-    if a <= 0 or disc < 0:
-        return -math.inf, math.inf
+    if a > 0:
+        if disc < 0:  # an empty set: the quadratic never dips below zero (rounding)
+            return math.nan, math.nan
+        root = math.sqrt(disc)
+        low, high = (b - root) / a, (b + root) / a
+        return max(low, 0.0), max(high, 0.0)
+    if a == 0 or disc <= 0:
+        return 0.0, math.inf
     root = math.sqrt(disc)
-    return (b - root) / a, (b + root) / a
+    r1, r2 = (b + root) / a, (b - root) / a  # a < 0: r1 < r2, the set is ρ ≤ r1 or ρ ≥ r2
+    return (0.0, math.inf) if r1 >= 0 else (max(r2, 0.0), math.inf)
+
+
+def mean_interval(state: EmaState, beta: float, z: float = Z95) -> Tuple[Tuple[float, float], Tuple[float, float]]:
+    """95 % intervals ``T̄ ± z·sd(T̄)`` and ``S̄ ± z·sd(S̄)``, each clipped to ``[0, inf)``
+    (``tr(Σ)`` and ``|G|²`` cannot be negative); NaN ends below two steps."""
+    mt, ms = means(state, beta)
+    v_t, v_s, _ = covariance(state, beta)
+    out = []
+    for m, v in ((mt, v_t), (ms, v_s)):
+        if not (math.isfinite(m) and math.isfinite(v)):
+            out.append((math.nan, math.nan))
+            continue
+        half = z * math.sqrt(v)
+        out.append((max(m - half, 0.0), max(m + half, 0.0)))
+    return out[0], out[1]
