@@ -127,17 +127,6 @@ def test_user_task_from_the_example_file(tmp_path):
     assert (tmp_path / "o" / "lr-batch-my_task.jsonl").exists()
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="headless Chromium is not installed")
-def test_chromium_renders_the_report(tiny_study, tmp_path):
-    _, out = tiny_study
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    shot = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,3000", (out / "index.html").as_uri()], capture_output=True, timeout=120)
-    assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
-
-
 def test_a_failing_study_does_not_lose_the_others(tmp_path, capsys, monkeypatch):
     """A model the per-sample engine refuses (BatchNorm in training mode): every study
     that needs per-sample norms fails with a line naming it; the exit code says so."""

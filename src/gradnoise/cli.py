@@ -1,9 +1,10 @@
 """The ``gradnoise`` command: parse, call a study or the report, print. Errors are one
 line and a non-zero exit (``--debug`` shows the traceback).
 
-    gradnoise study [STUDY ...] [--task SPEC ...] [--seed N] [--out DIR] [--quiet]
+    gradnoise study [STUDY ...] [--task SPEC ...] [--seed N] [--out DIR] [--quiet] [--threads N]
     gradnoise report RUN.jsonl [...] [--out DIR]
-    gradnoise measure [--model mlp|cnn|transformer] [--batch-size B] [--json]
+    gradnoise measure [--model mlp|cnn|transformer | --task SPEC] [--batch-size B] [--json]
+    gradnoise --version
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import sys
 import warnings
 from typing import List, Optional
 
+from . import __version__
+from .report.fmt import fmt_num
 from .studies.models import MODELS
-from .studies.output import STUDIES
-from .studies.summary import fmt
+from .studies.registry import NAMES
 
 DEFAULT_OUT = "gradnoise-report"
 
@@ -24,10 +26,14 @@ DEFAULT_OUT = "gradnoise-report"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradnoise", description="Measure the noise of mini-batch gradients.")
     p.add_argument("--debug", action="store_true", help="show tracebacks (stop at the first failing study)")
+    p.add_argument("--version", action="version", version=f"gradnoise {__version__}")
     sub = p.add_subparsers(dest="command")
-    m = sub.add_parser("measure", help="per-layer gradient noise of one batch of the built-in digits data")
+    m = sub.add_parser("measure", help="per-layer gradient noise of one batch (built-in model or your task)")
     _debug_option(m)
-    m.add_argument("--model", choices=MODELS, default="mlp")
+    which = m.add_mutually_exclusive_group()
+    which.add_argument("--model", choices=MODELS, default="mlp", help="a built-in model on the digits data")
+    which.add_argument("--task", metavar="SPEC", help="your task: package.module:function or path/file.py:function "
+                                                      "(the protocol of gradnoise study --task)")
     m.add_argument("--batch-size", type=_count, default=128)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -47,7 +53,7 @@ def _debug_option(sub) -> None:
 
 def _study_parser(sub) -> None:
     s = sub.add_parser("study", help="reproduce the theory on real data and write an HTML report",
-                       description="Studies: " + ", ".join(STUDIES) + " (default: all).")
+                       description="Studies: " + ", ".join(NAMES) + " (default: all).")
     s.add_argument("studies", nargs="*", metavar="STUDY", help="which studies (default: all)")
     s.add_argument("--task", action="append", default=[], metavar="SPEC",
                    help="digits-mlp, digits-cnn or package.module:function (repeatable; "
@@ -61,8 +67,10 @@ def _study_parser(sub) -> None:
                    help="run file(s) for the recommend study (default: the trajectory study's)")
     s.add_argument("--lr", type=_positive, help="SGD learning rate of law and trajectory (default 0.1)")
     s.add_argument("--lrs", type=_floats, help="comma-separated learning-rate grid of the sweeps")
-    s.add_argument("--batch-sizes", type=_ints, help="comma-separated batch sizes of the sweeps")
+    s.add_argument("--batch-sizes", type=_sizes, help="comma-separated batch sizes of the sweeps")
     s.add_argument("--target-loss", type=_positive, help="full-data loss the critical-batch runs train to (default 0.2)")
+    s.add_argument("--threads", type=_threads, help="torch threads (default 1: the studies' models are tiny, and "
+                                                    "one thread stays fast when the machine is busy)")
     _debug_option(s)
 
 
@@ -99,11 +107,28 @@ def _ints(text: str) -> List[int]:
     return [int(v) for v in vals]
 
 
+def _sizes(text: str) -> List[int]:
+    """Batch sizes of a sweep: whole numbers ≥ 2 (the monitor needs two samples)."""
+    vals = _ints(text)
+    if min(vals) < 2:
+        raise argparse.ArgumentTypeError(f"batch sizes must be at least 2, got {text!r}")
+    return vals
+
+
+def _threads(text: str) -> int:
+    vals = _ints(text)
+    if len(vals) != 1:
+        raise argparse.ArgumentTypeError(f"need one whole number ≥ 1, got {text!r}")
+    return vals[0]
+
+
 def print_measure(r: dict, out=None) -> None:
-    """The per-layer table of :func:`gradnoise.studies.measure.measure`."""
+    """The per-layer table of :func:`gradnoise.studies.measure.measure`, with a footer
+    that explains each column."""
     out = out or sys.stdout
-    head = f"{'layer':<28}{'params':>9}{'tr(Σ)':>12}{'|G|²':>12}{'B_simple':>11}{'noise share':>13}"
-    print(f"gradnoise measure: {r['model']} on digits, one batch of {r['batch_size']} "
+    width = max([28] + [len(row["layer"]) + 2 for row in r["layers"]])
+    head = f"{'layer (type)':<{width}}{'params':>10}{'tr(Σ)':>12}{'|G|²':>12}{'B_simple':>11}{'noise share':>13}"
+    print(f"gradnoise measure: {r['model']} on {r['data']}, one batch of {r['batch_size']} "
           f"of {r['population']} samples (seed {r['seed']}), loss {r['loss']:.4f}\n", file=out)
     print(head, file=out)
     print("-" * len(head), file=out)
@@ -111,46 +136,61 @@ def print_measure(r: dict, out=None) -> None:
         if row["layer"] == "total":
             print("-" * len(head), file=out)
         share = "—" if row["noise_share"] is None else f"{100 * row['noise_share']:.1f} %"
-        print(f"{row['layer']:<28}{row['params']:>9,}{fmt(row['trace_cov']):>12}"
-              f"{fmt(row['grad_sq_norm']):>12}{fmt(row['b_simple']):>11}{share:>13}", file=out)
-    print("\ntr(Σ): variance of one sample's gradient; |G|²: squared norm of the true gradient;", file=out)
-    print("B_simple = tr(Σ)/|G|²: batches much larger than it buy little (McCandlish et al. 2018).", file=out)
+        print(f"{row['layer']:<{width}}{row['params']:>10,}{fmt_num(row['trace_cov']):>12}"
+              f"{fmt_num(row['grad_sq_norm']):>12}{fmt_num(row['b_simple']):>11}{share:>13}", file=out)
+    print("\nlayer (type): the module that owns the parameters, by its path in the model, and its class.", file=out)
+    print("params: its trainable parameters. tr(Σ): the variance of one sample's gradient around the true", file=out)
+    print("  gradient (unbiased, finite-population corrected). |G|²: the squared norm of the true gradient.", file=out)
+    print("B_simple = tr(Σ)/|G|²: the noise scale; batches much larger than it buy little (McCandlish et", file=out)
+    print("  al. 2018); — where |G|² is not above 0 in this batch. noise share: the layer's part of tr(Σ).", file=out)
     if r["total"]["reason"]:
         print(f"note: {r['total']['reason']}", file=out)
 
 
-def run_study(args, out=None) -> int:
-    """``gradnoise study``: run, build the report, print a summary and its path."""
-    out = out or sys.stdout
-    from .report import build_report
-    from .studies import runner, summary
+def _failures(outcomes) -> List[str]:
+    return [f"{o.study} on {o.task}: {o.error}" for o in outcomes if o.error is not None]
 
+
+def run_study(args, out=None) -> int:
+    """``gradnoise study``: run, build the report, print a summary, the verdict and the
+    report's path."""
+    out = out or sys.stdout
+    from .report import build_report, verdict_lines
+    from .studies import registry, runner
+
+    runner.set_threads(args.threads)
     outcomes = runner.run_studies(
         args.studies, args.task, args.out, seed=args.seed, size=args.size, quiet=args.quiet,
         overrides=runner.Overrides(lr=args.lr, lrs=args.lrs, batch_sizes=args.batch_sizes,
                                    target_loss=args.target_loss), run_files=args.run, keep_going=not args.debug)
     files = runner.study_files(args.out)
-    page = build_report(files, args.out) if files else None
+    failures = _failures(outcomes)
+    page = build_report(files, args.out, failures=failures) if files else None
     done = [o for o in outcomes if o.error is None]
     if not args.quiet and done:
         print(f"gradnoise study (seed {args.seed}, size {args.size}):", file=out)
         for o in done:
-            print(f"  {summary.line(o.study, o.task, o.summary)}  [{o.seconds:.0f} s]", file=out)
+            print(f"  {o.study:<15}{o.task:<24}{registry.get(o.study).line(o.summary)}  [{o.seconds:.0f} s]", file=out)
         print(f"data files in {args.out}/", file=out)
+    if not args.quiet and files:
+        for text in verdict_lines(files, failures):
+            print(text, file=out)
     if page is not None:
-        print(f"report: {page}", file=out)
-    for o in outcomes:
-        if o.error is not None:
-            print(f"gradnoise: error: {o.study} on {o.task}: {o.error}", file=sys.stderr)
-    return 2 if len(done) < len(outcomes) else 0
+        print(f"report: {page}" + (" (incomplete: see the errors below)" if failures else ""), file=out)
+    for f in failures:
+        print(f"gradnoise: error: {f}", file=sys.stderr)
+    return 2 if failures else 0
 
 
 def run_report(args, out=None) -> int:
-    """``gradnoise report``: the report of the given run files."""
+    """``gradnoise report``: the report of the given run files, its verdict and path."""
     out = out or sys.stdout
-    from .report import build_report
+    from .report import build_report, verdict_lines
 
     page = build_report(args.runs, args.out)
+    if not args.quiet:
+        for text in verdict_lines(args.runs):
+            print(text, file=out)
     print(f"report: {page}", file=out)
     return 0
 
@@ -184,7 +224,8 @@ def _dispatch(args) -> int:
         if args.command in (None, "measure"):
             from .studies.measure import measure
 
-            r = measure(getattr(args, "model", "mlp"), getattr(args, "batch_size", 128), getattr(args, "seed", 0))
+            r = measure(getattr(args, "model", "mlp"), getattr(args, "batch_size", 128), getattr(args, "seed", 0),
+                        task=getattr(args, "task", None))
             if getattr(args, "json", False):
                 print(json.dumps(r, indent=2))
             else:

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from gradnoise import stats
-from gradnoise.monitor.record import StepRecord, header
+from gradnoise.formats import run_header as header
+from gradnoise.monitor.record import StepRecord
 from gradnoise.monitor.sinks import (
     CSV_COLUMNS,
     CsvSink,
@@ -59,7 +60,7 @@ def test_jsonl_round_trip(tmp_path):
     recs = _records()
     _write(JsonlSink(path), recs)
     head, steps = read_run(path)
-    assert head["format"] == "gradnoise-run" and head["version"] == 1
+    assert head["format"] == "gradnoise-run" and head["version"] == 2
     assert head["source"] == "per_sample" and head["params"] == PARAMS and head["beta"] == 0.95
     assert [s["step"] for s in steps] == [0, 1, 2]
     s1 = steps[1]
@@ -100,9 +101,10 @@ def test_jsonl_lines_are_visible_while_open(tmp_path):
 
 @pytest.mark.parametrize("first, match", [
     ({"type": "header", "format": "other-run", "version": 1, "source": "per_sample"}, "format"),
-    ({"type": "header", "format": "gradnoise-run", "version": 2, "source": "per_sample"}, "version 2"),
+    ({"type": "header", "format": "gradnoise-run", "version": 1, "source": "per_sample"}, "version 1"),
+    ({"type": "header", "format": "gradnoise-run", "version": 3, "source": "per_sample"}, "version 3"),
     ({"type": "step", "step": 0}, "header"),
-    ({"type": "header", "format": "gradnoise-run", "version": 1, "source": "ddp"}, "source"),
+    ({"type": "header", "format": "gradnoise-run", "version": 2, "source": "ddp"}, "source"),
     ("plain text, not json", "line 1"),
 ])
 def test_jsonl_refuses_to_append_to_a_foreign_file(tmp_path, first, match):
@@ -156,9 +158,9 @@ def test_read_run_truncated_last_line_warns(tmp_path):
 @pytest.mark.parametrize("content, match", [
     (None, "no such file"),
     ("", "empty"),
-    ('{"type": "step", "step": 0}\n', "line 1: expected a gradnoise-run header"),
-    ('{"type": "header", "format": "gradnoise-run", "version": 7}\n', "version 7 is unknown"),
-    ('{"type": "header", "format": "csv-run", "version": 1}\n', "format 'csv-run'"),
+    ('{"type": "step", "step": 0}\n', "line 1: no header line"),
+    ('{"type": "header", "format": "gradnoise-run", "version": 7}\n', "version 7 of gradnoise-run is not supported"),
+    ('{"type": "header", "format": "csv-run", "version": 1}\n', "unknown format 'csv-run'"),
 ])
 def test_read_run_refuses_bad_files(tmp_path, content, match):
     path = tmp_path / "run.jsonl"

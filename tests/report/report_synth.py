@@ -1,5 +1,6 @@
 """Synthetic inputs for the report tests: run files written by the monitor (a tiny model)
 or from hand-made records, and one study file of each study written by StudyWriter."""
+import json
 import math
 import random
 from pathlib import Path
@@ -8,11 +9,13 @@ import torch
 
 import gradnoise
 from gradnoise import stats
-from gradnoise.monitor.record import StepRecord, header
+from gradnoise.formats import run_header as header
+from gradnoise.monitor.record import StepRecord
 from gradnoise.monitor.smoother import NoiseSmoother
 from gradnoise.studies.output import StudyWriter
 
 PARAMS = ["body.0.weight", "body.0.bias", "head.weight", "head.bias"]
+LAYERS = {"body.0": {"type": "Linear", "params": PARAMS[:2]}, "head": {"type": "Linear", "params": PARAMS[2:]}}
 INF = math.inf
 
 
@@ -27,9 +30,10 @@ def _raw(rng, batch, scale=1.0):
 
 def records(n=40, batch=32, skip_all=False, unbounded=False, seed=0, skip_at=()):
     """``n`` StepRecords as the monitor makes them, or all skipped (NaN gradients), or
-    with ``(-inf, inf)`` intervals throughout; the steps in ``skip_at`` are skipped."""
+    with ``(0, inf)`` ("not determined") intervals throughout; the steps in ``skip_at``
+    are skipped."""
     rng = random.Random(seed)
-    smoother = NoiseSmoother(0.9)
+    smoother = NoiseSmoother(0.9, {p: layer for layer, e in LAYERS.items() for p in e["params"]})
     out = []
     for i in range(n):
         raw = _raw(rng, batch, scale=1.0 / (1 + i))
@@ -41,18 +45,35 @@ def records(n=40, batch=32, skip_all=False, unbounded=False, seed=0, skip_at=())
             smoother.update(raw)
         smoothed, iv = smoother.smoothed(batch, batch)
         if unbounded:
-            iv = (-INF, INF)
-        out.append(StepRecord(i, "per_sample", raw, smoothed, iv, skipped=skipped, flag=raw.flag))
+            iv = (0.0, INF)
+        t_iv, g_iv = smoother.intervals()
+        out.append(StepRecord(i, "per_sample", raw, smoothed, iv, skipped=skipped, flag=raw.flag,
+                              trace_cov_interval=t_iv, grad_sq_norm_interval=g_iv,
+                              by_layer=smoother.layers(batch, batch)))
     return out
 
 
-def write_run(path, recs, beta=0.9):
-    """A gradnoise-run file of ``recs``, written through JsonlSink."""
-    sink = gradnoise.JsonlSink(path)
-    sink.open(header("per_sample", 1, beta, PARAMS))
+def write_run(path, recs, beta=0.9, version=2):
+    """A gradnoise-run file of ``recs``, written through JsonlSink; ``version=1`` writes
+    what a version-1 monitor wrote (no layers, no smoothed intervals, ``-inf`` for an
+    unbounded lower end)."""
+    if version == 2:
+        sink = gradnoise.JsonlSink(path)
+        sink.open(header("per_sample", 1, beta, PARAMS, LAYERS))
+        for r in recs:
+            sink.write(r)
+        sink.close()
+        return Path(path)
+    head = {k: v for k, v in header("per_sample", 1, beta, PARAMS).items() if k != "layers"}
+    lines = [{**head, "version": 1}]
     for r in recs:
-        sink.write(r)
-    sink.close()
+        d = r.to_dict()
+        d.pop("by_layer")
+        d["smoothed"] = {k: v for k, v in d["smoothed"].items() if not k.endswith("_interval")}
+        if d["b_simple_interval"] == [0.0, "inf"]:
+            d["b_simple_interval"] = ["-inf", "inf"]
+        lines.append(d)
+    Path(path).write_text("".join(json.dumps(x) + "\n" for x in lines))
     return Path(path)
 
 

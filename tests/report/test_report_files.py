@@ -43,10 +43,10 @@ BAD = {
     "no-header": ([POINT], "\n", "no header"),
     "unknown-format": ([{"type": "header", "format": "tensorboard", "version": 1}], "\n",
                        "unknown format 'tensorboard'"),
-    "study-v2": ([dict(HEADER, version=2)], "\n",
-                 "version 2 of gradnoise-study is not supported by this gradnoise.*upgrade"),
-    "run-v2": ([dict(RUN_HEADER, version=2)], "\n",
-               "version 2 of gradnoise-run is not supported by this gradnoise.*upgrade"),
+    "study-v3": ([dict(HEADER, version=3)], "\n",
+                 "version 3 of gradnoise-study is not supported by this gradnoise.*upgrade"),
+    "run-v3": ([dict(RUN_HEADER, version=3)], "\n",
+               "version 3 of gradnoise-run is not supported by this gradnoise.*upgrade"),
     "unknown-study": ([dict(HEADER, study="magic")], "\n", "unknown study 'magic'"),
 }
 

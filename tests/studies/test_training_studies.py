@@ -53,22 +53,26 @@ def test_trajectory_writes_a_monitor_run_file_and_the_losses(toy, tmp_path):
 
 
 def test_critical_batch_fits_the_runs_it_wrote(toy, tmp_path):
-    cfg = critical.CriticalConfig(batch_sizes=[4, 16, 64], lrs=[1.0, 0.5], seeds=1, target_loss=0.7,
+    cfg = critical.CriticalConfig(batch_sizes=[4, 16, 64], lrs=[2.0, 1.0, 0.5, 0.25], seeds=1, target_loss=0.7,
                                   max_steps=400, every=5)
     summary = critical.run(toy, tmp_path, config=cfg)
     lines = _lines(tmp_path / "critical-batch-toy.jsonl")
     runs = [r for r in lines if r["type"] == "run"]
     best = [r for r in lines if r["type"] == "best"]
-    assert len(runs) == 6 and len(best) == 3 == summary["points"]
+    usable = [b for b in best if b["lr"] not in (2.0, 0.25) and b["steps"] > critical.eval_every(cfg, b["batch_size"])]
+    assert len(runs) <= 12 and len(best) == 3 == summary["runs"] and summary["points"] == len(usable)
     for b in best:  # the best is the fewest steps among the runs that reached the target
         reached = [r for r in runs if r["batch_size"] == b["batch_size"] and r["reached"]]
         assert b["steps"] == min(r["steps"] for r in reached)
         assert b["examples"] == b["steps"] * b["batch_size"]
     assert all(r["final_loss"] <= 0.7 for r in runs if r["reached"])
-    # S(B) = S_min (1 + B_crit/B) with E_min = S_min * B_crit
-    assert summary["e_min"] == pytest.approx(summary["s_min"] * summary["b_crit"])
-    lo, hi = summary["b_crit_interval"]
-    assert lo <= summary["b_crit"] <= hi
+    # S(B) = S_min (1 + B_crit/B) with E_min = S_min * B_crit, or no number and the reason
+    if summary["b_crit"] is not None:
+        assert summary["e_min"] == pytest.approx(summary["s_min"] * summary["b_crit"])
+        lo, hi = summary["b_crit_interval"]
+        assert lo <= summary["b_crit"] <= hi
+    else:
+        assert summary["reason"] and "no B_crit" in summary["reason"] and summary["s_min"] is None
     assert summary["b_simple"] is not None and summary["b_simple"] > 0
 
 
@@ -96,7 +100,9 @@ def test_too_small_rates_make_no_progress_without_hiding_the_good_ones(toy, tmp_
     tiny = [c for c in cells if c["lr"] < 1e-7]
     assert all(c["no_progress"] and not c["diverged"] for c in tiny)
     assert not any(c["skipped"] for c in cells)
-    assert summary["points"] == 2  # both batch sizes have a best rate among 0.1, 0.5
+    assert len(summary["best"]) == 2 and all(lr in (0.1, 0.5) for _, lr in summary["best"])
+    # 0.5, the grid's top, only bounds the best rate: such points stay out of the fit
+    assert summary["points"] == sum(lr == 0.1 for _, lr in summary["best"]) and summary["b_noise"] is None
 
 
 def test_critical_batch_refuses_a_target_already_met(toy, tmp_path):
@@ -105,10 +111,37 @@ def test_critical_batch_refuses_a_target_already_met(toy, tmp_path):
         critical.run(toy, tmp_path, config=cfg)
 
 
-def test_critical_batch_notes_a_best_rate_at_the_grid_edge():
+def test_critical_batch_leaves_out_runs_that_do_not_measure_S():
     cfg = critical.CriticalConfig(lrs=[0.8, 0.4, 0.2], eval_examples=64)
-    notes = critical._edge_notes([(16, 100, 0.8), (64, 50, 0.8), (32, 80, 0.4)], cfg)
-    assert notes == ["the best rate at B=16, 64 is the top of the grid (0.8), so S may be overstated there "
-                     "(extend --lrs)"]
-    assert "first evaluation" in critical._edge_notes([(16, 4, 0.4)], cfg)[0]
-    assert critical._edge_notes([(16, 100, 0.4)], cfg) == []
+    kept, notes = critical._usable([(16, 100, 0.8), (64, 50, 0.8), (32, 80, 0.4), (16, 4, 0.4)], cfg)
+    assert kept == [(32, 80)]
+    assert notes[0].startswith("B=16 reached the target at the first evaluation")
+    assert notes[1].startswith("the best rate at B=16, 64 is the top of the grid (0.8)")
+    assert critical._usable([(16, 100, 0.4)], cfg) == ([(16, 100)], [])
+
+
+def test_a_degenerate_critical_fit_is_no_number():
+    """Finding 3 of issue 9: every run at the first evaluation and at the top of the grid
+    gave "B_crit 64 [43.3, 95.9]"; now it is None with the reason."""
+    cfg = critical.CriticalConfig(batch_sizes=[8, 16, 32, 64, 128], lrs=[1.6, 0.8, 0.4], eval_examples=64)
+    best = [(b, max(1, 64 // b), 1.6) for b in cfg.batch_sizes]  # S = evaluation spacing, top rate
+    out = critical._summary(best, [5.0], cfg, 0, [])
+    assert out["b_crit"] is None and out["s_min"] is None and out["points"] == 0
+    assert math.isnan(out["b_crit_interval"][0])
+    assert "first evaluation" in out["reason"] and "top of the grid" in out["reason"] and "no B_crit" in out["reason"]
+    # usable points whose fit lies beyond the sweep: no number either, the side recorded
+    flat = [(b, 100, 0.8) for b in (8, 16, 32, 64, 128)]  # S does not fall with B: B_crit ≪ 8
+    out = critical._summary(flat, [5.0], cfg, 0, [])
+    assert out["b_crit"] is None and out["b_crit_bound"] == "<8" and "do not bend" in out["reason"]
+    # a real bend: a number with its interval
+    bend = [(b, round(50 * (1 + 32 / b)), 0.8) for b in (8, 16, 32, 64, 128)]
+    out = critical._summary(bend, [5.0], cfg, 0, [])
+    assert out["b_crit"] == pytest.approx(32, rel=0.1) and out["b_crit_interval"][0] <= out["b_crit"]
+
+
+def test_a_degenerate_lr_fit_is_no_number():
+    grid = [0.1, 0.2, 0.4, 0.8]
+    rows = [(b, 0.8, 0.8) for b in (8, 32, 128)]  # every best rate at the top of the grid
+    out = lrbatch._summary(rows, 50.0, grid, 0, [])
+    assert out["b_noise"] is None and out["eps_max"] is None and out["points"] == 0
+    assert "extend the grid upwards" in out["reason"] and "no fit to the best rates" in out["reason"]

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 from typing import Iterable, Optional
 
 from torch import nn
 
+from .. import formats
 from ..errors import GradNoiseError
-from . import record as _record
+from . import names as _names
 from .ddp import DdpSource, allreduce_counts
 from .moments import Moments
 from .record import StepRecord
@@ -79,10 +81,12 @@ class NoiseMonitor:
         check_options(source, reduction, every)
         self.model, self.every, self.scaler = model, int(every), scaler
         self.source = source
-        self._smoother = NoiseSmoother(beta)
+        inner, self._prefix = _names.unwrap(model)
+        layers = _names.layers(inner)
+        self._smoother = NoiseSmoother(beta, {p: layer for layer, e in layers.items() for p in e["params"]})
         self._sinks = [as_sink(s) for s in sinks]
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        head = _record.header(source, self.every, beta, names)
+        names = [n for n, p in inner.named_parameters() if p.requires_grad]
+        head = formats.run_header(source, self.every, beta, names, layers)
         for s in self._sinks:
             if hasattr(s, "open"):
                 s.open(head)
@@ -150,11 +154,15 @@ class NoiseMonitor:
     def _record(self, index: int, m: Moments) -> StepRecord:
         scale = float(self.scaler.get_scale()) if self.scaler is not None else None
         raw = m.stats(scale**2 if scale else 1.0)
+        if self._prefix:  # the user's names, not the wrappers'
+            raw = replace(raw, by_param={_names.strip(k, self._prefix): v for k, v in raw.by_param.items()})
         skipped = not (math.isfinite(raw.trace_cov) and math.isfinite(raw.grad_sq_norm))
         if not skipped:
             self._smoother.update(raw)
         smoothed, interval = self._smoother.smoothed(raw.batch_size, raw.n_groups)
-        rec = StepRecord(index, self.source, raw, smoothed, interval, skipped, raw.flag, scale)
+        t_iv, g_iv = self._smoother.intervals()
+        rec = StepRecord(index, self.source, raw, smoothed, interval, skipped, raw.flag, scale, t_iv, g_iv,
+                         self._smoother.layers(raw.batch_size, raw.n_groups))
         for s in self._sinks:
             s.write(rec)
         self.last = rec

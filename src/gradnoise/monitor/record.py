@@ -1,30 +1,24 @@
-"""What the monitor produces for each optimizer step, and its JSON form.
-
-Run-file format ``gradnoise-run`` version 1 (JSON Lines, one object per line, each with a
-``type``): the first line is a ``header``, every later line a ``step``::
-
-    {"type": "header", "format": "gradnoise-run", "version": 1, "source": "per_sample",
-     "every": 1, "beta": 0.95, "params": ["fc.weight", ...], "created": "2026-…Z"}
-    {"type": "step", "step": 12, "source": "per_sample", "skipped": false, "flag": null,
-     "loss_scale": null, "batch_size": 128, "n_groups": 128,
-     "raw":      {"trace_cov": …, "grad_sq_norm": …, "b_simple": …, "flag": null},
-     "smoothed": {"trace_cov": …, "grad_sq_norm": …, "b_simple": …},
-     "b_simple_interval": [low, high],
-     "by_param": {"fc.weight": {"raw": {…}, "smoothed": {…}}, …}}
-
-Numbers that are undefined are ``null``; an unbounded interval end is ``"inf"`` or
-``"-inf"``. Readers must refuse a ``version`` they do not know.
+"""What the monitor produces for each optimizer step, and its ``step`` line in a run
+file (format ``gradnoise-run``, :mod:`gradnoise.formats`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
+from ..formats import json_safe, num
 from ..stats import NoiseStats
 
-FORMAT = "gradnoise-run"
-VERSION = 1
+NAN2 = (math.nan, math.nan)
+
+
+class LayerNoise(NamedTuple):
+    """One layer's smoothed statistics (its parameters together) and the 95 % interval of
+    its ``b_simple``."""
+
+    smoothed: NoiseStats
+    b_simple_interval: Tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -37,12 +31,16 @@ class StepRecord:
         raw: this step alone (:class:`~gradnoise.stats.NoiseStats`, with ``by_param``).
         smoothed: from debiased EMAs of ``tr(Σ)`` and ``|G|²`` taken separately, and
             their ratio; ``by_param`` likewise.
-        b_simple_interval: 95 % interval of the smoothed ``B_simple`` (Fieller);
-            ``(-inf, inf)`` while the signal is not clearly above the noise.
+        b_simple_interval: 95 % interval of the smoothed ``B_simple`` (Fieller, clipped
+            to ``[0, inf)``): ``(low, inf)`` is a lower bound, ``(0, inf)`` "not
+            determined" while the signal is not clearly above the noise.
         skipped: True when this step was not folded into the averages (its raw
             statistics are flagged, e.g. inf/NaN gradients of a mixed-precision step).
         flag: why it was skipped, or the raw statistics' flag.
         loss_scale: the GradScaler scale that was removed, if any.
+        trace_cov_interval, grad_sq_norm_interval: 95 % intervals of the smoothed
+            ``tr(Σ)`` and ``|G|²`` (clipped at 0; NaN below two steps).
+        by_layer: layer path -> :class:`LayerNoise` (:mod:`gradnoise.monitor.names`).
     """
 
     step: int
@@ -53,9 +51,12 @@ class StepRecord:
     skipped: bool = False
     flag: Optional[str] = None
     loss_scale: Optional[float] = None
+    trace_cov_interval: Tuple[float, float] = NAN2
+    grad_sq_norm_interval: Tuple[float, float] = NAN2
+    by_layer: Mapping[str, LayerNoise] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> Dict[str, Any]:
-        """The ``step`` line of the run file (module docstring)."""
+        """The ``step`` line of the run file (:mod:`gradnoise.formats`)."""
         return {
             "type": "step",
             "step": self.step,
@@ -66,11 +67,16 @@ class StepRecord:
             "batch_size": self.raw.batch_size,
             "n_groups": self.raw.n_groups,
             "raw": _stats_dict(self.raw, with_flag=True),
-            "smoothed": _stats_dict(self.smoothed),
-            "b_simple_interval": [_bound(v) for v in self.b_simple_interval],
+            "smoothed": {**_stats_dict(self.smoothed), "trace_cov_interval": json_safe(list(self.trace_cov_interval)),
+                         "grad_sq_norm_interval": json_safe(list(self.grad_sq_norm_interval))},
+            "b_simple_interval": json_safe(list(self.b_simple_interval)),
             "by_param": {
                 name: {"raw": _stats_dict(s, with_flag=True), "smoothed": _stats_dict(self.smoothed.by_param.get(name))}
                 for name, s in self.raw.by_param.items()
+            },
+            "by_layer": {
+                name: {"smoothed": _stats_dict(layer.smoothed), "b_simple_interval": json_safe(list(layer.b_simple_interval))}
+                for name, layer in self.by_layer.items()
             },
         }
 
@@ -93,32 +99,6 @@ class StepRecord:
         return out
 
 
-def header(source: str, every: int, beta: float, params) -> Dict[str, Any]:
-    """The ``header`` line of a run file."""
-    from datetime import datetime, timezone
-
-    return {
-        "type": "header",
-        "format": FORMAT,
-        "version": VERSION,
-        "source": source,
-        "every": every,
-        "beta": beta,
-        "params": list(params),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _num(v: float) -> Optional[float]:
-    return float(v) if v is not None and math.isfinite(v) else None
-
-
-def _bound(v: float):
-    if v is None or math.isnan(v):
-        return None
-    return float(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf")
-
-
 def _put(out: Dict[str, float], key: str, v: float) -> None:
     if v is not None and math.isfinite(v):
         out[key] = float(v)
@@ -127,7 +107,7 @@ def _put(out: Dict[str, float], key: str, v: float) -> None:
 def _stats_dict(s: Optional[NoiseStats], with_flag: bool = False) -> Dict[str, Any]:
     if s is None:
         return {}
-    d = {"trace_cov": _num(s.trace_cov), "grad_sq_norm": _num(s.grad_sq_norm), "b_simple": _num(s.b_simple)}
+    d = {"trace_cov": num(s.trace_cov), "grad_sq_norm": num(s.grad_sq_norm), "b_simple": num(s.b_simple)}
     if with_flag:
         d["flag"] = s.flag
     return d

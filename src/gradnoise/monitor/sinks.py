@@ -1,7 +1,7 @@
 """Where :class:`~gradnoise.monitor.record.StepRecord` s go: run files, CSV, loggers.
 
-Every sink follows one protocol: ``open(header)`` once, with the output of
-:func:`~gradnoise.monitor.record.header`, before the first record; ``write(record)`` per
+Every sink follows one protocol: ``open(header)`` once, with the run file's header
+(:func:`gradnoise.formats.run_header`), before the first record; ``write(record)`` per
 step; ``close()`` at the end. File sinks only ever append and flush each line, so a
 reader sees every finished step while the run goes on, and a file is never rewritten.
 """
@@ -11,12 +11,12 @@ import csv
 import json
 import math
 import os
-import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
-from .record import FORMAT, VERSION, StepRecord
+from ..formats import RUN_FORMAT, RUN_VERSION, check_header, first_object, read_run
+from .record import StepRecord
 
-KNOWN_VERSIONS = (1,)
+__all__ = ["CsvSink", "JsonlSink", "MetricsLoggerSink", "Sink", "TensorBoardSink", "as_sink", "read_run"]
 
 CSV_COLUMNS = (
     "step", "batch_size", "n_groups", "skipped", "flag", "loss_scale",
@@ -58,12 +58,15 @@ class JsonlSink(Sink):
         self._file = None
 
     def open(self, header: Dict[str, Any]) -> None:
-        _check_header(header, "the header given to JsonlSink.open", 0)
-        if header["version"] != VERSION:
-            raise ValueError(f"JsonlSink writes version {VERSION}, got a header of version {header['version']}")
+        check_header(header, "the header given to JsonlSink.open", 0, RUN_FORMAT)
+        if header["version"] != RUN_VERSION:
+            raise ValueError(f"JsonlSink writes version {RUN_VERSION}, got a header of version {header['version']}")
         new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
         if not new:
             old = _existing_header(self.path)
+            if old.get("version") != RUN_VERSION:
+                raise ValueError(f"{self.path}: the run file is of version {old.get('version')}, this gradnoise "
+                                 f"writes version {RUN_VERSION}; use another file")
             if old.get("source") != header.get("source"):
                 raise ValueError(
                     f"{self.path}: the run file holds source {old.get('source')!r}, this monitor "
@@ -91,112 +94,21 @@ class JsonlSink(Sink):
             os.fsync(self._file.fileno())
 
 
-def _check_header(obj: Any, where: str, lineno: int) -> None:
-    at = f"{where}, line {lineno}" if lineno else where
-    if not isinstance(obj, dict) or obj.get("type") != "header":
-        raise ValueError(f"{at}: expected a gradnoise-run header line, not {str(obj)[:80]!r}")
-    if obj.get("format") != FORMAT:
-        raise ValueError(f"{at}: format {obj.get('format')!r} is not {FORMAT!r}")
-    if obj.get("version") not in KNOWN_VERSIONS:
-        raise ValueError(
-            f"{at}: run-file version {obj.get('version')!r} is unknown; this gradnoise reads "
-            f"versions {list(KNOWN_VERSIONS)} (upgrade gradnoise to read it)"
-        )
-
-
 def _existing_header(path: str) -> Dict[str, Any]:
     """The validated header of a non-empty run file about to be appended to."""
     with open(path, "rb") as f:
-        first = f.readline()
         f.seek(-1, os.SEEK_END)
         complete = f.read(1) == b"\n"
-    try:
-        obj = json.loads(first)
-    except ValueError:
-        raise ValueError(f"{path}, line 1: not a gradnoise-run header (not JSON); refusing to append") from None
-    _check_header(obj, path, 1)
+    obj = first_object(path)
+    if obj is None:
+        raise ValueError(f"{path}, line 1: not a gradnoise-run header (not JSON); refusing to append")
+    check_header(obj, path, 1, RUN_FORMAT)
     if not complete:
         raise ValueError(
             f"{path}: the last line is incomplete (a run killed mid-write?); appending would "
             "corrupt it. Remove the partial line or write to another file"
         )
     return obj
-
-
-def read_run(path: "os.PathLike[str] | str") -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    """Read and validate a ``gradnoise-run`` file.
-
-    A final line without its newline that is not a complete JSON object (a run still
-    writing, or killed mid-line) is skipped with a warning. Blank lines are ignored.
-
-    Args:
-        path: the ``.jsonl`` run file.
-
-    Returns:
-        ``(header, steps)``: the header dict and the step dicts in file order, as written
-        (undefined numbers ``None``, unbounded interval ends ``"inf"``/``"-inf"``).
-
-    Raises:
-        ValueError: naming the file (and line) when it is missing, empty, has no header,
-            is of another format or an unknown version, or has a corrupt line before the last.
-    """
-    return read_jsonl(path, _check_header, lambda obj: obj.get("type") == "step", "a step line")
-
-
-def read_jsonl(path: "os.PathLike[str] | str", check_header: Callable[[Any, str, int], None],
-               accept: Callable[[Dict[str, Any]], bool], what: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    """The header and later lines of a JSON Lines file written line by line and flushed.
-
-    Blank lines are ignored. A final line without its newline that is not a JSON object
-    (a writer still running, or killed mid-line) is skipped with a warning.
-
-    Args:
-        path: the file.
-        check_header: ``check_header(obj, path, lineno)`` raises ``ValueError`` unless
-            ``obj`` (the first line) is a header this reader knows.
-        accept: whether a later line (a dict) belongs in the file.
-        what: the accepted lines, for the error message (``"a step line"``).
-
-    Raises:
-        ValueError: naming the file (and line) when it is missing, empty, has no header,
-            or has a corrupt or unexpected line before the last.
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if not data.strip():
-        raise ValueError(f"{path}: the file is empty (no header line)")
-    rows = data.split(b"\n")  # rows[-1] is b"" when the file ends with a newline
-    header: Optional[Dict[str, Any]] = None
-    lines: List[Dict[str, Any]] = []
-    for lineno, raw in enumerate(rows, start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj, err = json.loads(raw.decode("utf-8")), None
-        except ValueError as e:  # includes UnicodeDecodeError
-            obj, err = None, e
-        if lineno == len(rows) and header is not None and not isinstance(obj, dict):
-            warnings.warn(f"{path}, line {lineno}: incomplete last line skipped "
-                          "(file still being written, or its writer was killed)", stacklevel=3)
-            break
-        if err is not None:
-            raise ValueError(f"{path}, line {lineno}: corrupt line, not JSON ({err})")
-        if header is None:
-            check_header(obj, path, lineno)
-            header = obj
-        elif isinstance(obj, dict) and accept(obj):
-            lines.append(obj)
-        else:
-            raise ValueError(f"{path}, line {lineno}: expected {what}, not {raw[:80]!r}")
-    if header is None:
-        raise ValueError(f"{path}: no header line")
-    return header, lines
 
 
 class CsvSink(Sink):

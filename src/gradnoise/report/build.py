@@ -4,22 +4,16 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence
 
 from .. import __version__
 from . import html as h
 from .files import RUN_FORMAT, Input, load
 from .fmt import fmt_text, slug
-from .noise_sections import run_section, trajectory_section
-from .sections import critical_section, law_section, lr_batch_section, recommend_section
+from .noise_sections import run_section
+from .verdict import TaskVerdict, text_lines, verdicts
 
-SECTIONS: Tuple[Tuple[str, Callable], ...] = (
-    ("law", law_section),
-    ("trajectory", trajectory_section),
-    ("critical-batch", critical_section),
-    ("lr-batch", lr_batch_section),
-    ("recommend", recommend_section),
-)
+Sections = Mapping[str, Callable]
 
 HOW_TO_READ = (
     "Every quantity is about the gradient of one optimizer step. g_i is the gradient of one sample's "
@@ -38,11 +32,11 @@ def _stems(inputs: Sequence[Input]) -> List[str]:
     return [f"{i:02d}-{slug(inp.path.stem)}" for i, inp in enumerate(inputs, start=1)]
 
 
-def _sections(inputs: Sequence[Input]) -> List[h.Section]:
-    """Study sections in the fixed order, then one section per run file."""
+def _sections(inputs: Sequence[Input], table: Sections) -> List[h.Section]:
+    """Study sections in the table's order, then one section per run file."""
     stems = _stems(inputs)
     sections = []
-    for study, make in SECTIONS:
+    for study, make in table.items():
         items = [(stem, inp) for stem, inp in zip(stems, inputs) if inp.study == study]
         if items:
             sections.append(make(items))
@@ -71,8 +65,30 @@ def _mixed_runs(inputs: Sequence[Input]) -> str:
     return h.note(f"These files come from different runs: {'; '.join(parts)}.") if parts else ""
 
 
+def _verdict_html(found: Sequence[TaskVerdict], failures: Sequence[str]) -> str:
+    """The verdict block at the top of the page; every number links to its section."""
+    def html_of(line) -> str:
+        return "".join(f'<a href="#{h.esc(a)}">{h.esc(t)}</a>' if a else h.esc(t) for t, a in line.pieces)
+
+    parts = ['<section id="verdict" class="verdict">\n<h2>Verdict</h2>\n']
+    if failures:
+        items = "".join(f"<li>{h.esc(f)}</li>" for f in failures)
+        parts.append(f'<div class="note failed"><strong>This run is incomplete</strong>: these studies failed, so '
+                     f"their answers are missing from the verdict; a section of theirs shown below is from an "
+                     f"earlier run (see its creation time).<ul>{items}</ul></div>\n")
+    if not found:
+        parts.append(h.para("No study on this page can answer the batch-size question: run gradnoise study "
+                            "trajectory critical-batch lr-batch, or give a monitor run file."))
+    for v in found:
+        because = "".join(f"<li>{html_of(b)}</li>" for b in v.because)
+        parts.append(f"<h3>{h.esc(v.name)}</h3>\n<p class=\"answer\"><strong>{html_of(v.headline)}</strong></p>\n"
+                     f"<ul>{because}</ul>\n<p>{html_of(v.next_step)}</p>\n")
+    parts.append("</section>\n")
+    return "".join(parts)
+
+
 def _head(given: Sequence[str], inputs: Sequence[Input], created: str) -> str:
-    """The block under the title: inputs, time, version and how to read the page."""
+    """The block under the verdict: inputs, time, version and how to read the page."""
     items = []
     for text, inp in zip(given, inputs):
         extra = f", noise from {h.esc(inp.run_path.name)}" if inp.run is not None and inp.run_path else ""
@@ -91,8 +107,40 @@ def _write_figures(sections: Sequence[h.Section], folder: Path) -> None:
             (folder / f"{plot.name}.png").write_bytes(plot.png)
 
 
+def _table(sections: Optional[Sections]) -> Sections:
+    if sections is not None:
+        return sections
+    from ..studies.registry import sections as registered  # the study registry's table of sections
+
+    return registered()
+
+
+def _load_all(files: Sequence["os.PathLike[str] | str"], table: Sections) -> List[Input]:
+    given = [os.fspath(f) for f in files]
+    if not given:
+        raise ValueError("build_report needs at least one study or run file")
+    inputs = [load(path) for path in given]
+    for inp in inputs:
+        if inp.format != RUN_FORMAT and inp.study not in table:
+            raise ValueError(f"{inp.path}: unknown study {inp.study!r}; expected one of {', '.join(table)}")
+    return inputs
+
+
+def verdict_lines(files: Sequence["os.PathLike[str] | str"], failures: Sequence[str] = (),
+                  sections: Optional[Sections] = None) -> List[str]:
+    """The page's verdict as plain-text lines (what ``gradnoise study`` and ``gradnoise
+    report`` print last); ``failures`` are ``"<study> on <task>: <error>"`` lines.
+
+    Raises:
+        ValueError: as :func:`build_report`.
+    """
+    inputs = _load_all(files, _table(sections))
+    return text_lines(verdicts(inputs, _stems(inputs)), failures)
+
+
 def build_report(files: Sequence["os.PathLike[str] | str"], out_dir: "os.PathLike[str] | str",
-                 title: str = "gradnoise report") -> Path:
+                 title: str = "gradnoise report", sections: Optional[Sections] = None,
+                 failures: Sequence[str] = ()) -> Path:
     """Build the HTML report of study files and monitor run files.
 
     Every input is read and checked before anything is written. The page,
@@ -105,6 +153,10 @@ def build_report(files: Sequence["os.PathLike[str] | str"], out_dir: "os.PathLik
             study's run file is found through its header) and ``gradnoise-run`` files.
         out_dir: the output folder (created if missing).
         title: the page's title.
+        sections: study name -> section builder, in the page's order (default: the
+            study registry's, :func:`gradnoise.studies.registry.sections`).
+        failures: ``"<study> on <task>: <error>"`` for each study that failed in the run
+            that produced the files: the page says it is incomplete.
 
     Returns:
         The path of ``index.html``.
@@ -114,15 +166,14 @@ def build_report(files: Sequence["os.PathLike[str] | str"], out_dir: "os.PathLik
             empty, not JSON, of an unknown format or version, or corrupt before its last
             line; or when ``files`` is empty.
     """
-    given = [os.fspath(f) for f in files]
-    if not given:
-        raise ValueError("build_report needs at least one study or run file")
-    inputs = [load(path) for path in given]
-    sections = _sections(inputs)
+    table = _table(sections)
+    inputs = _load_all(files, table)
+    parts = _sections(inputs, table)
     out = Path(out_dir)
-    _write_figures(sections, out / "figures")
+    _write_figures(parts, out / "figures")
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    text = h.page(title, _head(given, inputs, created), sections)
+    top = _verdict_html(verdicts(inputs, _stems(inputs)), failures)
+    text = h.page(title, top + _head([os.fspath(f) for f in files], inputs, created), parts)
     index = out / "index.html"
     partial = out / "index.html.partial"
     partial.write_text(text, encoding="utf-8")
@@ -130,4 +181,4 @@ def build_report(files: Sequence["os.PathLike[str] | str"], out_dir: "os.PathLik
     return index
 
 
-__all__ = ["build_report"]
+__all__ = ["build_report", "verdict_lines"]

@@ -9,36 +9,19 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ..formats import interval, to_float
 
 DASH = "—"
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
-def to_float(v: Any) -> float:
-    """A float from a file value: numbers as they are, ``"inf"``/``"-inf"`` as ±inf,
-    ``None`` and anything else as NaN."""
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str) and v.strip().lower() in ("inf", "+inf", "-inf"):
-        return -math.inf if v.strip().startswith("-") else math.inf
-    return math.nan
-
-
 def floats(values: Sequence[Any]) -> np.ndarray:
     """``to_float`` of each value, as a float64 array of shape ``[len(values)]``."""
     return np.array([to_float(v) for v in values], dtype=np.float64)
-
-
-def interval(v: Any) -> tuple:
-    """``(low, high)`` floats from a file's ``[low, high]`` (NaN ends when malformed)."""
-    if isinstance(v, (list, tuple)) and len(v) == 2:
-        return to_float(v[0]), to_float(v[1])
-    return math.nan, math.nan
 
 
 def fmt_num(v: Any, digits: int = 3) -> str:
@@ -73,19 +56,40 @@ def fmt_count(v: Any) -> str:
     return fmt_num(x)
 
 
-def fmt_interval(v: Any, digits: int = 3) -> str:
-    """``"[low, high]"`` of a file interval; ``"—"`` when both ends are undefined."""
+UNDETERMINED = "not determined from these steps"
+
+
+def domain_interval(v: Any) -> Tuple[float, float]:
+    """``(low, high)`` of a file interval clipped to ``[0, inf]``: every interval gradnoise
+    writes is of a quantity that cannot be negative (``B_simple``, ``tr(Σ)``, ``|G|²``,
+    ``B_crit``, ``B_noise``); a file of version 1 could still hold ``-inf``."""
     low, high = interval(v)
-    if math.isnan(low) and math.isnan(high):
+    return (max(low, 0.0) if not math.isnan(low) else low), (max(high, 0.0) if not math.isnan(high) else high)
+
+
+def fmt_interval(v: Any, digits: int = 3) -> str:
+    """A file interval of a quantity ≥ 0, for people: ``"[8.1, 20.4]"``; ``"≥ 66"`` when
+    only the lower end is bounded; :data:`UNDETERMINED` when neither is; ``"—"`` when
+    undefined."""
+    low, high = domain_interval(v)
+    if math.isnan(low) or math.isnan(high):
         return DASH
+    if math.isinf(high):
+        return UNDETERMINED if low <= 0 else f"≥ {fmt_num(low, digits)}"
     return f"[{fmt_num(low, digits)}, {fmt_num(high, digits)}]"
 
 
 def fmt_with_interval(value: Any, iv: Any, digits: int = 3) -> str:
-    """``"12.3 [8.1, 20.4]"``: a value and its interval (the interval left out when undefined)."""
+    """``"12.3 [8.1, 20.4]"``, ``"84.2 (95 % interval ≥ 66)"``, ``"84.2 (interval not
+    determined from these steps)"``; the value alone when the interval is undefined, and
+    ``"—"`` when the value is."""
     text = fmt_num(value, digits)
     band = fmt_interval(iv, digits)
-    return text if band == DASH else f"{text} {band}"
+    if text == DASH or band == DASH:
+        return text
+    if band.startswith("["):
+        return f"{text} {band}"
+    return f"{text} (interval {band})" if band == UNDETERMINED else f"{text} (95 % interval {band})"
 
 
 def fmt_text(v: Optional[Any]) -> str:

@@ -31,6 +31,12 @@ figcaption { font-size: 0.88em; color: #555; }
 .note ul { margin: 0.3em 0 0.1em; }
 .meta { color: #555; }
 nav ul { columns: 2; }
+.verdict { background: #f0f6ff; border: 1px solid #b8d0f0; padding: 0.2em 1.2em 0.8em; margin-top: 1.2em; }
+.verdict h2 { margin-top: 0.6em; }
+.verdict .answer { font-size: 1.08em; }
+.note.failed { background: #fdecea; border-left-color: #c0392b; }
+img, table { max-width: 100%; }
+table { display: block; overflow-x: auto; }
 """
 
 

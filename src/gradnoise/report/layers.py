@@ -1,15 +1,13 @@
-"""Per-layer noise of a ``gradnoise-run`` file: smoothed ``B_simple`` with its 95 % band.
+"""Per-layer noise of a ``gradnoise-run`` file, as the monitor wrote it.
 
-Everything is additive over parameters, so a layer ``"a.b"`` has the noise
-``T = Σ_p tr(Σ_p)`` and signal ``S = Σ_p |G_p|²`` of its parameters ``"a.b.weight"``,
-``"a.b.bias"``. The raw sums of each step are folded into a debiased EMA with the
-header's decay ``β`` (:mod:`gradnoise.stats.smoothing`), leaving out skipped steps and
-steps whose raw sums are not finite, as the monitor does for the total. The layer's
-smoothed ``B_simple`` is ``T̄/S̄`` and its band Fieller's 95 % interval.
+A version-2 run file holds each layer's smoothed ``tr(Σ)``, ``|G|²``, ``B_simple`` and the
+95 % interval of ``B_simple`` in every step's ``by_layer``, and the layers' classes in the
+header (:mod:`gradnoise.formats`); nothing is recomputed here. A version-1 file has only
+per-parameter values: a layer's smoothed ``tr(Σ)`` and ``|G|²`` are then the sums over
+its parameters (EMAs are linear) and it has no band.
 
-EMAs are linear, so ``T̄`` equals the sum of the parameters' smoothed ``tr(Σ)`` in the
-file. Where the replay disagrees with the file (a run continued from a checkpoint, a
-parameter that joined late), the layer keeps the file's sums and has no band.
+Layers are ranked by their share of the noise, ``tr(Σ)`` at the last step; the plot
+shows the few largest (:data:`PLOTTED`), the table all of them.
 """
 from __future__ import annotations
 
@@ -19,11 +17,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from ..stats import smoothing
-from .fmt import to_float
+from ..formats import interval, to_float
 
 Steps = Sequence[Dict[str, Any]]
-MAX_LAYERS = 10
+PLOTTED = 4
 KEYS = ("trace_cov", "grad_sq_norm")
 
 
@@ -32,17 +29,21 @@ class LayerNoise:
     """One layer's smoothed noise; every array has shape ``[n_steps]``.
 
     Attributes:
+        label: ``"blocks.0.attn (MultiheadAttention)"``.
         trace_cov: smoothed ``Σ_p tr(Σ_p)`` of its parameters.
         grad_sq_norm: smoothed ``Σ_p |G_p|²``.
         b_simple: their ratio (NaN where ``|G|² ≤ 0`` or undefined).
-        band: ``(low, high)`` of the 95 % interval of ``b_simple`` (±inf where
-            unbounded, NaN before two steps or when the replay failed).
+        band: ``(low, high)`` of the 95 % interval of ``b_simple`` (``inf`` where
+            unbounded, NaN where the file has none).
+        share: the layer's part of the total ``tr(Σ)`` at the last step (NaN if unknown).
     """
 
+    label: str
     trace_cov: np.ndarray
     grad_sq_norm: np.ndarray
     b_simple: np.ndarray
     band: Tuple[np.ndarray, np.ndarray]
+    share: float
 
 
 def layer_of(param: str) -> str:
@@ -50,54 +51,40 @@ def layer_of(param: str) -> str:
     return param.rsplit(".", 1)[0] if "." in param else param
 
 
-def layer_label(name: str) -> str:
-    """A layer's name for people: nn.Sequential children ``"0"``, ``"1"`` become ``"layer 0"``."""
-    return f"layer {name}" if name.isdigit() else name
+def _types(header: Dict[str, Any]) -> Dict[str, str]:
+    layers = header.get("layers") if isinstance(header.get("layers"), dict) else {}
+    return {name: str(e.get("type")) for name, e in layers.items() if isinstance(e, dict) and e.get("type")}
 
 
-def _layers(steps: Steps) -> Dict[str, List[str]]:
-    """Layer -> its parameter names, in order of first appearance."""
-    out: Dict[str, List[str]] = {}
+def _names(header: Dict[str, Any], steps: Steps) -> List[str]:
+    """Layer names in the model's order: the header's, else by first appearance."""
+    names = list(_types(header))
     for s in steps:
-        for name in (s.get("by_param") or {}):
-            params = out.setdefault(layer_of(name), [])
-            if name not in params:
-                params.append(name)
-    return out
+        for name in (s.get("by_layer") or {}):
+            if name not in names:
+                names.append(name)
+        if "by_layer" not in s:
+            for p in (s.get("by_param") or {}):
+                if layer_of(p) not in names:
+                    names.append(layer_of(p))
+    return names
 
 
-def _sums(steps: Steps, params: Sequence[str], part: str) -> np.ndarray:
-    """``[2, n_steps]``: ``Σ_p`` of ``part`` (``"raw"`` or ``"smoothed"``) ``tr(Σ_p)`` and
-    ``|G_p|²`` over the ``params`` present at each step (NaN when none is, or any is not
-    finite)."""
-    out = np.full((2, len(steps)), np.nan)
-    for i, s in enumerate(steps):
-        by_param = s.get("by_param") or {}
-        present = [(by_param[p] or {}).get(part) or {} for p in params if p in by_param]
-        if present:
-            out[:, i] = [sum(to_float(v.get(k)) for v in present) for k in KEYS]
-    return out
-
-
-def _replay(steps: Steps, raw: np.ndarray, beta: float) -> np.ndarray:
-    """``[4, n_steps]``: replayed ``T̄``, ``S̄`` and the Fieller interval's ends."""
+def _from_file(steps: Steps, name: str) -> np.ndarray:
+    """``[4, n]``: smoothed ``tr(Σ)``, ``|G|²`` and the interval's ends of layer ``name``
+    (v2 ``by_layer``; for a v1 step, sums of its parameters and no interval)."""
     out = np.full((4, len(steps)), np.nan)
-    state = smoothing.init()
     for i, s in enumerate(steps):
-        t, g = raw[:, i]
-        if not s.get("skipped") and math.isfinite(t) and math.isfinite(g):
-            state = smoothing.update(state, float(t), float(g), beta)
-        if state.count:
-            out[:2, i] = smoothing.means(state, beta)
-            out[2:, i] = smoothing.ratio_interval(state, beta)
+        by_layer = s.get("by_layer")
+        if isinstance(by_layer, dict):
+            entry = by_layer.get(name) or {}
+            sm = entry.get("smoothed") or {}
+            out[:, i] = [to_float(sm.get(k)) for k in KEYS] + list(interval(entry.get("b_simple_interval")))
+            continue
+        parts = [(v or {}).get("smoothed") or {} for p, v in (s.get("by_param") or {}).items() if layer_of(p) == name]
+        if parts:
+            out[:2, i] = [sum(to_float(v.get(k)) for v in parts) for k in KEYS]
     return out
-
-
-def _agrees(replayed: np.ndarray, filed: np.ndarray) -> bool:
-    """True when the replayed means match the file's wherever both are finite."""
-    both = np.isfinite(replayed) & np.isfinite(filed)
-    scale = np.maximum(np.abs(filed[both]), 1e-300)
-    return not np.any(np.abs(replayed[both] - filed[both]) > 1e-6 * scale)
 
 
 def _ratio(t: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -105,29 +92,21 @@ def _ratio(t: np.ndarray, g: np.ndarray) -> np.ndarray:
         return np.where(g > 0, t / g, np.nan)
 
 
-def layer_noise(steps: Steps, params: Sequence[str], beta: float) -> LayerNoise:
-    """The smoothed noise of the layer made of ``params`` (see the module docstring)."""
-    filed = _sums(steps, params, "smoothed")
-    no_band = np.full(len(steps), np.nan)
-    if not 0.0 <= beta < 1.0:
-        return LayerNoise(filed[0], filed[1], _ratio(*filed), (no_band, no_band))
-    replay = _replay(steps, _sums(steps, params, "raw"), beta)
-    if not (_agrees(replay[0], filed[0]) and _agrees(replay[1], filed[1])):
-        return LayerNoise(filed[0], filed[1], _ratio(*filed), (no_band, no_band))
-    return LayerNoise(replay[0], replay[1], _ratio(replay[0], replay[1]), (replay[2], replay[3]))
+def layer_series(header: Dict[str, Any], steps: Steps, total_trace: float) -> List[LayerNoise]:
+    """Every layer of the run file, largest share of the noise first.
 
-
-def layer_series(steps: Steps, beta: float, limit: int = MAX_LAYERS) -> Tuple[Dict[str, LayerNoise], int]:
-    """The smoothed noise of at most ``limit`` layers, largest final ``tr(Σ)`` first.
-
-    Returns:
-        ``(layers, n_layers)``: layer name -> :class:`LayerNoise`, and the number of
-        layers in the file.
+    Args:
+        header, steps: as :func:`gradnoise.read_run` returns them.
+        total_trace: the total smoothed ``tr(Σ)`` at the last step (for the shares).
     """
-    found = {name: layer_noise(steps, params, beta) for name, params in _layers(steps).items()}
-
-    def final_trace(item: Tuple[str, LayerNoise]) -> float:
-        finite = item[1].trace_cov[np.isfinite(item[1].trace_cov)]
-        return -float(finite[-1]) if finite.size else math.inf
-
-    return dict(sorted(found.items(), key=final_trace)[:limit]), len(found)
+    types = _types(header)
+    found = []
+    for name in _names(header, steps):
+        v = _from_file(steps, name)
+        finite = v[0][np.isfinite(v[0])]
+        last = float(finite[-1]) if finite.size else math.nan
+        share = last / total_trace if math.isfinite(total_trace) and total_trace > 0 else math.nan
+        label = f"{name} ({types[name]})" if name in types else name
+        low, high = np.maximum(v[2], 0.0), np.maximum(v[3], 0.0)  # a v1 file may hold -inf
+        found.append(LayerNoise(label, v[0], v[1], _ratio(v[0], v[1]), (low, high), share))
+    return sorted(found, key=lambda layer: -layer.share if math.isfinite(layer.share) else math.inf)

@@ -9,7 +9,6 @@ from matplotlib.axes import Axes
 
 from .figures import (COLORS, Plot, all_positive, band, finish, legend, limits, log_axis, new_figure,
                       note_empty, wide_positive)
-from .layers import layer_label
 from .series import NoiseSeries
 
 RAW_STYLE = dict(s=6, alpha=0.3, linewidths=0)
@@ -87,20 +86,21 @@ def _layer_limits(lines, bands, log: bool):
 
 
 def _layer_panel(ax: Axes, s: NoiseSeries) -> None:
+    shown = s.plotted
     title = "B_simple per layer, 95 % bands"
-    if s.n_layers > len(s.layers):
-        title += f" ({len(s.layers)} of {s.n_layers}, largest tr(Σ))"
+    if len(s.layers) > len(shown):
+        title = f"B_simple of the {len(shown)} noisiest of {len(s.layers)} layers"
     ax.set(title=title, xlabel="optimizer step", ylabel="B_simple (samples)")
-    values = [layer.b_simple for layer in s.layers.values()]
+    values = [layer.b_simple for layer in shown]
     if not values or not any(np.isfinite(v).any() for v in values):
         note_empty(ax, "no per-layer values")
         return
     log = all_positive(values) and wide_positive(values)
-    ylim = _layer_limits(values, [b for layer in s.layers.values() for b in layer.band], log)
-    for i, (name, layer) in enumerate(s.layers.items()):
+    ylim = _layer_limits(values, [b for layer in shown for b in layer.band], log)
+    for i, layer in enumerate(shown):
         color = COLORS[i % len(COLORS)]
-        ax.plot(s.step, layer.b_simple, color=color, linewidth=1.1, label=layer_label(name))
-        band(ax, s.step, *layer.band, ylim, color, alpha=0.08)
+        ax.plot(s.step, layer.b_simple, color=color, linewidth=1.1, label=layer.label)
+        band(ax, s.step, *layer.band, ylim, color, alpha=0.10)
     if log:
         log_axis(ax, "y")
     ax.set_ylim(*ylim)
@@ -127,8 +127,8 @@ def noise_figure(series: NoiseSeries, name: str, what: str, loss: Optional[Loss]
     shown = "training loss, " if loss is not None else ""
     alt = (f"Panels for {what} against optimizer step: {shown}smoothed tr(Σ) and |G|² with 95 % bands "
            f"and faint raw points, smoothed B_simple with its 95 % interval as a shaded band, and "
-           f"smoothed B_simple of {len(series.layers)} layers, each with its 95 % interval as a faint band "
-           "of its colour.")
+           f"smoothed B_simple of the {len(series.plotted)} layers with the largest share of the noise, each "
+           "with its 95 % interval as a faint band of its colour.")
     caption = ("Lines: smoothed values; faint points: single steps (non-positive raw values are "
                "off the log scales); shading: 95 % intervals, unbounded ends clipped to the plot.")
     return finish(fig, name, alt, caption)

@@ -11,7 +11,6 @@ from . import html as h
 from .figures import Plot
 from .files import Input
 from .fmt import floats, fmt_count, fmt_num, fmt_text, fmt_with_interval
-from .layers import layer_label
 from .noise_figures import noise_figure
 from .sections import advice, section, subheading, summary_of, task_of
 from .series import NoiseSeries, first_finite, last_finite, noise_series
@@ -55,23 +54,29 @@ def _noise_rows(series: NoiseSeries) -> List[Tuple[str, str]]:
 
 
 def _layer_table(series: NoiseSeries) -> str:
-    """Each plotted layer's smoothed values at the last step where its ``B_simple`` is
-    defined, with the 95 % interval drawn as its band (``""`` when there is no layer)."""
+    """Every layer, largest share of the noise first: its smoothed values at the last
+    step where its ``B_simple`` is defined, with the 95 % interval drawn as its band
+    (``""`` when there is no layer)."""
     rows = []
-    for name, layer in series.layers.items():
+    plotted = {id(layer) for layer in series.plotted}
+    for layer in series.layers:
+        share = fmt_num(100 * layer.share, 3) + " %" if np.isfinite(layer.share) else fmt_num(None)
+        where = "plotted" if id(layer) in plotted else ""
         i = last_finite(layer.b_simple)
         if i is None:
-            rows.append((layer_label(name), fmt_num(None), fmt_num(None), fmt_num(None), fmt_num(None)))
+            rows.append((layer.label, share, fmt_num(None), fmt_num(None), fmt_num(None), fmt_num(None), where))
             continue
         low, high = layer.band
-        rows.append((layer_label(name), fmt_count(series.step[i]), fmt_with_interval(layer.b_simple[i], [low[i], high[i]]),
-                     fmt_num(layer.trace_cov[i]), fmt_num(layer.grad_sq_norm[i])))
+        rows.append((layer.label, share, fmt_count(series.step[i]),
+                     fmt_with_interval(layer.b_simple[i], [low[i], high[i]]),
+                     fmt_num(layer.trace_cov[i]), fmt_num(layer.grad_sq_norm[i]), where))
     if not rows:
         return ""
-    header = ("layer", "step", "smoothed B_simple, 95 % interval", "smoothed tr(Σ)", "smoothed |G|²")
-    caption = h.para("Per layer at its last measured step; the faint bands of the per-layer panel are "
-                     "these 95 % intervals (Fieller), replayed from the run file's per-parameter values "
-                     "(left out where the replay does not match the file's smoothed values).")
+    header = ("layer (type)", "share of tr(Σ)", "step", "smoothed B_simple, 95 % interval", "smoothed tr(Σ)",
+              "smoothed |G|²", "in the plot")
+    caption = h.para(f"Every layer at its last measured step, the largest share of the noise first; the "
+                     f"per-layer panel draws the {len(series.plotted)} largest, with these 95 % intervals "
+                     "(Fieller, from the monitor) as faint bands.")
     return caption + h.table(header, rows)
 
 

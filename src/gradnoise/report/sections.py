@@ -15,6 +15,7 @@ from .files import Input
 from .fmt import fmt_count, fmt_num, fmt_text, fmt_with_interval, to_float
 from .heatmap import lr_batch_figure
 from .study_figures import critical_figure, law_figure, rules_figure
+from .verdict import anchor
 
 Items = Sequence[Tuple[str, Input]]
 
@@ -46,11 +47,13 @@ LR_BATCH_TEXT = (
     "to compare with the B_simple measured at initialisation."
 )
 RECOMMEND_TEXT = (
-    "The critical batch size is estimated by the smoothed B_simple = tr(Σ)/|G|² of the run's last "
-    "measured steps, with its 95 % interval. The table gives the factor to multiply the learning "
-    "rate by when the batch size changes from B to B′: linear B′/B, square root √(B′/B), and AdaScale "
-    "(1 + B_crit/B)/(1 + B_crit/B′), which follows the linear rule well below B_crit and levels off "
-    "above it."
+    "The noise scale B_simple = tr(Σ)/|G|² of the run's last measured step, smoothed, with its 95 % "
+    "interval: the critical batch size at that stage of training (it grows as the loss falls, so it "
+    "can exceed a B_crit fitted at an earlier target loss — the verdict at the top compares them). The "
+    "table gives the factor to multiply the run's learning rate by when the batch size changes from "
+    "the run's B to B′: linear B′/B, square root √(B′/B), and AdaScale (1 + B_simple/B)/(1 + B_simple/B′), "
+    "which follows the linear rule well below B_simple and levels off above it. These are factors for "
+    "the run's own rate, which was not tuned; the learning rate itself is the lr-batch study's."
 )
 
 
@@ -62,10 +65,13 @@ def run_of(inp: Input) -> str:
 
 
 def subheading(inp: Input) -> str:
-    """``<h3>`` naming a study file's task, file, seed and size."""
-    task = h.esc(fmt_text(inp.header.get("task")))
-    where = ", ".join(x for x in (inp.path.name, run_of(inp)) if x)
-    return f'<h3>Task {task} <span class="meta">({h.esc(where)})</span></h3>\n'
+    """``<h3>`` naming a study file's task, file, seed, size and creation time, with the
+    id the verdict links to (:func:`gradnoise.report.verdict.anchor`)."""
+    task = fmt_text(inp.header.get("task"))
+    created = f"created {fmt_text(inp.header.get('created'))}" if inp.header.get("created") else ""
+    where = ", ".join(x for x in (inp.path.name, run_of(inp), created) if x)
+    return (f'<h3 id="{h.esc(anchor(fmt_text(inp.study), task))}">Task {h.esc(task)} '
+            f'<span class="meta">({h.esc(where)})</span></h3>\n')
 
 
 def task_of(inp: Input) -> str:
@@ -129,11 +135,11 @@ def _critical_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
         ("target loss", fmt_num(target)),
         ("S_min (steps)", fmt_num(summary.get("s_min"))),
         ("E_min (examples)", fmt_num(summary.get("e_min"))),
-        ("B_crit = E_min/S_min, 95 % interval",
-         fmt_with_interval(summary.get("b_crit"), summary.get("b_crit_interval"))),
+        ("B_crit = E_min/S_min, 95 % interval", _b_crit_text(summary)),
         ("B_simple measured at the end of the best runs, interval",
          fmt_with_interval(summary.get("b_simple"), summary.get("b_simple_interval"))),
-        ("points in the fit", fmt_count(summary.get("points"))),
+        ("best runs usable in the fit", f"{fmt_count(summary.get('points'))} of "
+                                          f"{fmt_count(summary.get('runs', len(best)))}"),
     ]
     rows = [(fmt_count(b.get("batch_size")), fmt_count(b.get("seed")), fmt_num(b.get("lr")),
              fmt_count(b.get("steps")), fmt_count(b.get("examples"))) for b in best]
@@ -143,6 +149,15 @@ def _critical_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
     if rows:
         body.append(h.table(("batch size", "seed", "learning rate", "steps", "examples"), rows, numeric_from=0))
     return "".join(body), [plot]
+
+
+def _b_crit_text(summary: Dict[str, Any]) -> str:
+    """``B_crit`` with its interval, or "—" and why (the fit's premises failed)."""
+    if summary.get("b_crit") is not None:
+        return fmt_with_interval(summary.get("b_crit"), summary.get("b_crit_interval"))
+    if summary.get("b_crit_bound"):
+        return f"— (beyond the sweep: {summary['b_crit_bound']})"
+    return "— (no fit: see the notes)"
 
 
 def critical_section(items: Items) -> h.Section:
@@ -201,10 +216,10 @@ def advice(rec: Dict[str, Any], stem: str, what: str, run_file: Any = None) -> T
         what: the run's name for the alt text.
         run_file: the run file's name to show, if any.
     """
-    pairs = [("batch size B the learning rate was tuned for", fmt_count(rec.get("batch_size"))),
-             ("critical batch size B_crit, 95 % interval",
-              fmt_with_interval(rec.get("b_crit"), rec.get("b_crit_interval"))),
-             ("measured steps used", fmt_count(rec.get("steps")))]
+    pairs = [("batch size B of the run", fmt_count(rec.get("batch_size"))),
+             (f"noise scale B_simple at step {fmt_count(rec.get('step'))} (the critical batch size at that "
+              "stage), 95 % interval", fmt_with_interval(rec.get("b_crit"), rec.get("b_crit_interval"))),
+             ("measured steps in the run", fmt_count(rec.get("steps")))]
     if run_file is not None:
         pairs.insert(0, ("run file", fmt_text(run_file)))
     parts = [h.key_values(pairs)]

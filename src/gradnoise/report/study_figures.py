@@ -98,9 +98,12 @@ def _frontier_panel(ax: Axes, best: Lines, summary: Dict[str, Any]) -> None:
     if not keep.any():
         note_empty(ax, "no run reached the target loss")
         return
-    ax.scatter(steps[keep], examples[keep], color=COLORS[0], zorder=3, label="fewest steps per batch size")
-    for s, e, bs in zip(steps[keep], examples[keep], b[keep]):
-        ax.annotate(f"B={fmt_count(bs)}", (s, e), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.scatter(steps[keep], examples[keep], color=COLORS[0], zorder=3, label="fewest steps per batch size (each seed)")
+    for k, bs in enumerate(sorted(set(b[keep].tolist()))):  # one label per batch size, however many seeds
+        at = keep & (b == bs)
+        centre = (float(np.exp(np.log(steps[at]).mean())), float(np.exp(np.log(examples[at]).mean())))
+        ax.annotate(f"B={fmt_count(bs)}", centre, textcoords="offset points", xytext=(6, 5 if k % 2 else -11),
+                    fontsize=7)
     s_min, e_min = to_float(summary.get("s_min")), to_float(summary.get("e_min"))
     if math.isfinite(s_min) and math.isfinite(e_min) and s_min > 0 and e_min > 0:
         u = log_spaced(1e-2, max(float(steps[keep].max()) / s_min * 2.0, 2.0) - 1.0 + 1e-2)
@@ -169,7 +172,7 @@ def critical_figure(runs: Lines, best: Lines, summary: Dict[str, Any], name: str
     return finish(fig, name, alt, "Shaded: 95 % intervals; dotted: the asymptotes S_min and E_min.")
 
 
-def rules_figure(rules: Lines, batch_size: Any, b_crit: Any, name: str, what: str) -> Plot:
+def rules_figure(rules: Lines, batch_size: Any, b_noise: Any, name: str, what: str) -> Plot:
     """Learning-rate multipliers of the linear, square-root and AdaScale rules against the
     new batch size, log-log; every rule passes through 1 at ``batch_size``."""
     fig, (ax,) = new_figure(1, 1, width=6.0, row_height=4.0)
@@ -194,9 +197,9 @@ def rules_figure(rules: Lines, batch_size: Any, b_crit: Any, name: str, what: st
         log_axis(ax, "x")
         log_axis(ax, "y")
         value_ticks(ax, "x", np.append(to, b0))
-        bc = to_float(b_crit)
+        bc = to_float(b_noise)
         if math.isfinite(bc) and bc > 0:
-            ax.axvline(bc, color="#888888", linestyle=":", label="B_crit")
+            ax.axvline(bc, color="#888888", linestyle=":", label="noise scale B_simple")
     legend(ax, small=True)
     alt = (f"Log-log plot for {what}: the learning-rate multiplier of the linear, square-root and "
            f"AdaScale rules against the new batch size, starting from batch size {fmt_count(b0)}.")

@@ -46,7 +46,7 @@ class CriticalConfig:
     @classmethod
     def for_size(cls, size: str) -> "CriticalConfig":
         if size == "tiny":
-            return cls(batch_sizes=[16, 64, 256], lrs=[0.8, 0.4], seeds=1, target_loss=1.5, max_steps=300)
+            return cls(batch_sizes=[16, 64, 256], lrs=[1.6, 0.8, 0.4], seeds=1, target_loss=1.5, max_steps=300)
         return cls()
 
 
@@ -113,7 +113,6 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
                          f"{cfg.target_loss:g}; set a lower --target-loss")
     notes = [f"batch sizes above the {task.size} samples left out: "
              f"{', '.join(str(b) for b in cfg.batch_sizes if b > task.size)}"] if len(sizes) < len(cfg.batch_sizes) else []
-    points: List[Tuple[int, int]] = []
     bests: List[Tuple[int, int, float]] = []
     b_simples: List[float] = []
     with StudyWriter(out, "critical-batch", task.name, seed, size, asdict(cfg)) as w, \
@@ -125,43 +124,58 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
                     continue
                 steps, lr, b_simple = best
                 w.write("best", batch_size=b, seed=seed + r, lr=lr, steps=steps, examples=steps * b)
-                points.append((b, steps))
                 bests.append((b, steps, lr))
                 if math.isfinite(b_simple):
                     b_simples.append(b_simple)
-        summary = _summary(points, b_simples, cfg, seed, notes + _edge_notes(bests, cfg))
+        summary = _summary(bests, b_simples, cfg, seed, notes)
         w.write("summary", **summary)
     return summary
 
 
-def _edge_notes(best: List[Tuple[int, int, float]], cfg: CriticalConfig) -> List[str]:
-    """Why some batch sizes' best runs ``[(B, S, lr)]`` may misstate their steps."""
+def _usable(best: List[Tuple[int, int, float]], cfg: CriticalConfig) -> Tuple[List[Tuple[int, int]], List[str]]:
+    """The best runs ``[(B, S, lr)]`` whose ``S`` measures the steps to the target, and
+    notes on the others: a run that reached the target at its first evaluation only
+    bounds ``S`` by the evaluation spacing, and a best rate at an edge of the grid
+    (``len(lrs) > 1``) may overstate ``S`` — a fit through them is not a result."""
     notes = []
     first = sorted({b for b, s, _ in best if s <= eval_every(cfg, b)})
     if first:
         notes.append(f"B={', '.join(map(str, first))} reached the target at the first evaluation, so S is "
-                     "only the evaluation spacing; set a lower --target-loss")
-    for edge, where in ((max(cfg.lrs), "top"), (min(cfg.lrs), "bottom")):
+                     "only the evaluation spacing there (left out of the fit; set a lower --target-loss)")
+    edges = (max(cfg.lrs), min(cfg.lrs)) if len(cfg.lrs) > 1 else ()
+    for edge, where in zip(edges, ("top", "bottom")):
         at = sorted({b for b, _, lr in best if lr == edge})
-        if at and len(cfg.lrs) > 1:
-            notes.append(f"the best rate at B={', '.join(map(str, at))} is the {where} of the grid ({edge:g}), "
-                         "so S may be overstated there (extend --lrs)")
-    return notes
+        if at:
+            notes.append(f"the best rate at B={', '.join(map(str, at))} is the {where} of the grid "
+                         f"({edge:g}), so S may be overstated there (left out of the fit; extend --lrs)")
+    kept = [(b, steps) for b, steps, lr in best if steps > eval_every(cfg, b) and lr not in edges]
+    return kept, notes
 
 
-def _summary(points, b_simples, cfg: CriticalConfig, seed: int, notes: List[str]) -> dict:
-    out = {"target_loss": cfg.target_loss, "points": len(points), "s_min": None, "e_min": None,
-           "b_crit": None, "b_crit_interval": [math.nan, math.nan], "reason": None,
+def _summary(best, b_simples, cfg: CriticalConfig, seed: int, notes: List[str]) -> dict:
+    """The fit ``S = S_min(1 + B_crit/B)`` to the usable best runs; ``b_crit`` is None
+    ("—") with the ``reason`` when they cannot support it (too few, no bend within the
+    sweep, or the fitted value outside the swept batch sizes, recorded in ``b_crit_bound``
+    as ``"<8"`` / ``">512"``)."""
+    points, usable_notes = _usable(best, cfg)
+    notes = notes + usable_notes
+    out = {"target_loss": cfg.target_loss, "points": len(points), "runs": len(best), "s_min": None,
+           "e_min": None, "b_crit": None, "b_crit_interval": [math.nan, math.nan], "b_crit_bound": None,
+           "reason": None,
            "b_simple": num(statistics.median(b_simples)) if b_simples else None,
            "b_simple_interval": [min(b_simples), max(b_simples)] if b_simples else [math.nan, math.nan]}
     try:
         fit = fit_hyperbolic([b for b, _ in points], [s for _, s in points], s=1.0, seed=seed)
     except ValueError as e:
-        out["reason"] = "; ".join(dict.fromkeys(notes + [f"no fit: {e}"]))
+        out["reason"] = "; ".join(dict.fromkeys(notes + [f"no B_crit: {len(points)} usable runs ({e})"]))
         return out
-    out.update(s_min=fit.a, e_min=fit.a * fit.c, b_crit=fit.c, b_crit_interval=list(fit.interval), rms=fit.rms)
     swept = [b for b, _ in points]
-    if not min(swept) <= fit.c <= max(swept):
-        notes.append(f"B_crit lies outside the swept batch sizes {min(swept)}–{max(swept)}; widen the sweep")
+    if fit.at_bound or not min(swept) <= fit.c <= max(swept):
+        side = f">{max(swept)}" if fit.c > max(swept) else f"<{min(swept)}"
+        out["b_crit_bound"] = side
+        notes.append(f"no B_crit: the steps do not bend within the usable batch sizes {min(swept)}–{max(swept)} "
+                     f"(B_crit {side.replace('>', 'above ').replace('<', 'below ')}); widen the sweep")
+    else:
+        out.update(s_min=fit.a, e_min=fit.a * fit.c, b_crit=fit.c, b_crit_interval=list(fit.interval), rms=fit.rms)
     out["reason"] = "; ".join(dict.fromkeys(notes)) or None
     return out

@@ -90,35 +90,56 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
     return summary
 
 
-def _fit(points, seed: int):
-    """The law fitted to ``[(B, lr)]``, or the reason there is none."""
+def _fit(points, seed: int, what: str):
+    """The law fitted to ``[(B, lr)]``: ``(fit, None)``, or ``(None, reason)`` when the
+    points cannot support one (too few, no bend within the sweep, or the fitted B_noise
+    outside the swept batch sizes)."""
     try:
-        return fit_hyperbolic([b for b, _ in points], [lr for _, lr in points], s=-1.0, seed=seed), None
+        fit = fit_hyperbolic([b for b, _ in points], [lr for _, lr in points], s=-1.0, seed=seed)
     except ValueError as e:
-        return None, f"no fit: {e}"
+        return None, f"no fit to the {what}: {len(points)} usable batch sizes ({e})"
+    swept = [b for b, _ in points]
+    if fit.at_bound or not min(swept) <= fit.c <= max(swept):
+        where = "above" if fit.c > max(swept) else "below"
+        return None, (f"no fit to the {what}: B_noise lies {where} the usable batch sizes "
+                      f"{min(swept)}–{max(swept)} (the rates do not bend within the sweep)")
+    return fit, None
+
+
+def _inside(points, grid):
+    """The points ``[(B, lr)]`` whose rate is inside the grid (an edge rate only bounds
+    the optimum: the best might lie beyond it)."""
+    return [(b, lr) for b, lr in points if min(grid) < lr < max(grid)] if len(grid) > 2 else list(points)
 
 
 def _summary(rows, b_simple0: float, grid, seed: int, notes) -> dict:
-    """Both fits (to the best and to the largest stable rates) and their notes."""
+    """Both fits (to the best and to the largest stable rates) and their notes; a fit
+    is None ("—") with the reason when its premises fail."""
     best = [(b, lr) for b, _, lr in rows if lr is not None]
     stable = [(b, lr) for b, lr, _ in rows if lr is not None]
     out = {"eps_max": None, "b_noise": None, "b_noise_interval": [math.nan, math.nan], "stable_fit": None,
-           "b_simple": num(b_simple0), "points": len(best)}
-    fit, why = _fit(best, seed)
+           "b_simple": num(b_simple0), "best": [list(p) for p in best]}
+    edge = [b for b, lr in best if lr >= max(grid)]
+    if edge:
+        notes.append(f"the largest rate of the grid was the best at B={', '.join(map(str, edge))} (left out of "
+                     "the fit); extend the grid upwards")
+    low = [b for b, lr in best if lr <= min(grid)]
+    if low and len(grid) > 1:
+        notes.append(f"the smallest rate of the grid was the best at B={', '.join(map(str, low))} (left out of "
+                     "the fit); extend the grid downwards")
+    usable = _inside(best, grid)
+    out["points"] = len(usable)
+    fit, why = _fit(usable, seed, "best rates")
     if fit is not None:
         out.update(eps_max=fit.a, b_noise=fit.c, b_noise_interval=list(fit.interval), rms=fit.rms)
-        if not min(b for b, _ in best) <= fit.c <= max(b for b, _ in best):
-            notes.append("B_noise lies outside the swept batch sizes")
     else:
         notes.append(why)
-    sfit, _ = _fit(stable, seed)
+    if any(lr >= max(grid) for _, lr in stable):
+        notes.append("the largest rate of the grid was stable at some batch size, so the largest stable "
+                     "rates there are lower bounds (left out of their fit)")
+    sfit, _ = _fit([(b, lr) for b, lr in stable if lr < max(grid)], seed, "largest stable rates")
     if sfit is not None:
         out["stable_fit"] = {"eps_max": sfit.a, "b_noise": sfit.c, "b_noise_interval": list(sfit.interval),
                              "rms": sfit.rms}
-    if any(lr >= max(grid) for _, lr in best):
-        notes.append("the largest rate of the grid was the best at some batch size; extend the grid upwards")
-    if any(lr >= max(grid) for _, lr in stable):
-        notes.append("the largest rate of the grid was stable at some batch size, so the largest stable "
-                     "rates are lower bounds")
     out["reason"] = "; ".join(notes) or None
     return out

@@ -1,65 +1,85 @@
 """``gradnoise measure``: the gradient noise of one batch, layer by layer.
 
-A built-in model on the digits data; one batch drawn without replacement; per-sample
-gradient norms from :func:`gradnoise.capture`; ``tr(Σ)``, ``|G|²`` and ``B_simple`` for
-each layer (a layer's parameters together) and for the whole model, with the
-finite-population correction for the 1,797-sample data set.
+A built-in model on the digits data, or the user's task (``--task``, the protocol of
+:mod:`gradnoise.studies.task`); one batch drawn without replacement; per-sample gradient
+norms from :func:`gradnoise.capture`; ``tr(Σ)``, ``|G|²`` and ``B_simple`` for each layer
+(the module that owns the parameters, named by its path and class) and for the whole
+model, with the finite-population correction for the data set's size.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import stats as _stats
 from ..capture import capture
+from ..monitor.names import layers as layer_table
 from .data import digits, sample_batch
 from .models import build
+from .task import Task, load
 
 
-def layer_of(param_name: str) -> str:
-    """``"encoder.linear1.weight"`` -> ``"encoder.linear1"`` (``"<model>"`` for top level)."""
-    return param_name.rsplit(".", 1)[0] if "." in param_name else "<model>"
-
-
-def by_layer(per_param: Dict[str, _stats.NoiseStats]) -> Dict[str, _stats.NoiseStats]:
+def by_layer(per_param: Dict[str, _stats.NoiseStats], layers: Dict[str, Dict[str, Any]]
+             ) -> Dict[str, _stats.NoiseStats]:
     """Group per-parameter statistics into layers (the estimator is additive)."""
-    groups: Dict[str, Dict[str, _stats.NoiseStats]] = {}
-    for name, s in per_param.items():
-        groups.setdefault(layer_of(name), {})[name] = s
-    return {layer: _stats.total(parts) for layer, parts in groups.items()}
+    out = {}
+    for layer, entry in layers.items():
+        parts = {p: per_param[p] for p in entry["params"] if p in per_param}
+        if parts:
+            out[layer] = _stats.total(parts)
+    return out
 
 
-def measure(model: str = "mlp", batch_size: int = 128, seed: int = 0) -> Dict[str, Any]:
-    """Measure one batch; returns a JSON-ready dict (NaN as None).
-
-    Keys: ``model``, ``batch_size``, ``population``, ``seed``, ``loss``, ``total`` and
-    ``layers`` (each: ``layer``, ``params``, ``trace_cov``, ``grad_sq_norm``,
-    ``b_simple``, ``noise_share``, ``flag``).
-    """
+def _task(model: str, seed: int, task: Optional[str]) -> Task:
+    if task is not None:
+        return load(task, seed)
     torch.manual_seed(seed)
     x, y = digits()
-    net = build(model)
-    xb, yb = sample_batch(x, y, batch_size, torch.Generator().manual_seed(seed))
+    return Task(f"digits-{model}", build(model), x, y, F.cross_entropy)
+
+
+def measure(model: str = "mlp", batch_size: int = 128, seed: int = 0, task: Optional[str] = None) -> Dict[str, Any]:
+    """Measure one batch; returns a JSON-ready dict (NaN as None).
+
+    Args:
+        model: a built-in model on the digits data (ignored with ``task``).
+        batch_size: ``B`` (at most the data set's size).
+        seed: seeds the model's initialisation and the batch.
+        task: a task spec (``package.module:function`` or ``path/file.py:function``).
+
+    Keys: ``model``, ``data``, ``batch_size``, ``population``, ``seed``, ``loss``,
+    ``total`` and ``layers`` (each: ``layer`` ("path (Type)"), ``path``, ``type``,
+    ``params``, ``trace_cov``, ``grad_sq_norm``, ``b_simple``, ``noise_share``, ``flag``).
+
+    Raises:
+        ValueError: a bad task, or a batch size above the data set's size.
+    """
+    t = _task(model, seed, task)
+    net = t.fresh_model()
+    if batch_size > t.size:
+        raise ValueError(f"--batch-size {batch_size} is larger than the task's {t.size} samples")
+    xb, yb = sample_batch(t.x, t.y, batch_size, torch.Generator().manual_seed(seed))
     with capture(net, reduction="mean") as cap:
-        loss = F.cross_entropy(net(xb), yb)
+        loss = t.loss_fn(net(xb), yb)
         loss.backward()
-    whole = cap.stats(population=len(y))
-    sizes: Dict[str, int] = {}
-    for name, p in net.named_parameters():
-        sizes[layer_of(name)] = sizes.get(layer_of(name), 0) + p.numel()
-    layers = by_layer(whole.by_param)
+    whole = cap.stats(population=t.size)
+    table = layer_table(net)
+    layers = by_layer(whole.by_param, table)
+    sizes = {name: sum(p.numel() for n, p in net.named_parameters() if n in entry["params"])
+             for name, entry in table.items()}
     rows: List[Dict[str, Any]] = [
-        {"layer": layer, "params": sizes[layer], **_row(layers[layer], whole.trace_cov)}
-        for layer in sizes  # in the model's order
-        if layer in layers
+        {"layer": f"{name} ({table[name]['type']})", "path": name, "type": table[name]["type"],
+         "params": sizes[name], **_row(layers[name], whole.trace_cov)}
+        for name in table if name in layers
     ]
     return {
-        "model": model,
+        "model": type(net).__name__ if task is not None else model,
+        "data": t.name if task is not None else "digits",
         "batch_size": batch_size,
-        "population": len(y),
+        "population": t.size,
         "seed": seed,
         "loss": float(loss.detach()),
         "total": {"params": sum(sizes.values()), **_row(whole, whole.trace_cov), "reason": whole.reason},

@@ -1,6 +1,8 @@
 """Small built-in models for 8×8 digit images ``[N, 1, 8, 8]`` -> logits ``[N, 10]``."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -38,12 +40,14 @@ class RowTransformer(nn.Module):
 def build(name: str) -> nn.Module:
     """One of :data:`MODELS`, freshly initialised (seed torch first for repeatability)."""
     if name == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+        return nn.Sequential(OrderedDict(
+            flatten=nn.Flatten(), fc1=nn.Linear(64, 128), act1=nn.ReLU(), fc2=nn.Linear(128, 64), act2=nn.ReLU(),
+            head=nn.Linear(64, 10)))
     if name == "cnn":
-        return nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
-        )
+        return nn.Sequential(OrderedDict(
+            conv1=nn.Conv2d(1, 16, 3, padding=1), act1=nn.ReLU(), conv2=nn.Conv2d(16, 32, 3, padding=1),
+            act2=nn.ReLU(), pool=nn.MaxPool2d(2), flatten=nn.Flatten(), fc=nn.Linear(32 * 4 * 4, 64),
+            act3=nn.ReLU(), head=nn.Linear(64, 10)))
     if name == "transformer":
         return RowTransformer()
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

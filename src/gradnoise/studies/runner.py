@@ -1,50 +1,45 @@
 """Running several studies on several tasks into one folder, as ``gradnoise study``
 does.
 
-By default every study runs, ``law`` and ``trajectory`` on both built-in tasks
-(``digits-mlp``, ``digits-cnn``) and the training sweeps (``critical-batch``,
-``lr-batch``) on ``digits-mlp`` only — the CNN trains ten times slower, and the sweeps
-train a hundred models. With tasks named explicitly, every study runs on every task.
-``recommend`` reads the run files of ``trajectory`` (or the ``run_files`` given).
+By default every study of the registry runs: the quick ones on both built-in tasks
+(``digits-mlp``, ``digits-cnn``) and the training sweeps only on the first — the CNN
+trains ten times slower, and the sweeps train a hundred models. With tasks named
+explicitly, every study runs on every task. A study that reads run files
+(``recommend``) reads those of ``trajectory`` (or the ``run_files`` given).
 """
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from . import critical, law, lrbatch, recommend, trajectory
-from .output import STUDIES
+import torch
+
+from . import registry
+from .progress import overall
+from .recommend import run_name
 from .task import DEFAULT_TASKS, Task, load
-
-SWEEPS = ("critical-batch", "lr-batch")
-RUNNERS: Dict[str, Callable] = {"law": law.run, "trajectory": trajectory.run,
-                                "critical-batch": critical.run, "lr-batch": lrbatch.run}
-CONFIGS = {"law": law.LawConfig, "trajectory": trajectory.TrajectoryConfig,
-           "critical-batch": critical.CriticalConfig, "lr-batch": lrbatch.LrBatchConfig}
 
 
 @dataclass
 class Overrides:
-    """Settings from the command line that replace the studies' defaults (None: keep)."""
+    """Settings from the command line: each replaces the config field of the same name
+    in every study that has one (None: keep the default)."""
 
     lr: Optional[float] = None                   # law, trajectory
     lrs: Optional[List[float]] = None            # critical-batch, lr-batch
     batch_sizes: Optional[List[int]] = None      # critical-batch, lr-batch
     target_loss: Optional[float] = None          # critical-batch
 
-    def config(self, study: str, size: str):
-        cfg = CONFIGS[study].for_size(size)
-        if self.lr is not None and study in ("law", "trajectory"):
-            cfg = replace(cfg, lr=self.lr)
-        if self.lrs is not None and study in SWEEPS:
-            cfg = replace(cfg, lrs=sorted(self.lrs, reverse=study == "critical-batch"))
-        if self.batch_sizes is not None and study in SWEEPS:
-            cfg = replace(cfg, batch_sizes=sorted(self.batch_sizes))
-        if self.target_loss is not None and study == "critical-batch":
-            cfg = replace(cfg, target_loss=self.target_loss)
-        return cfg
+    def config(self, study: registry.Study, size: str):
+        if study.config is None:
+            return None
+        cfg = study.config.for_size(size)
+        names = {f.name for f in fields(cfg)}
+        given = {k: v for k, v in vars(self).items() if v is not None and k in names}
+        return replace(cfg, **given)
 
 
 @dataclass
@@ -58,12 +53,42 @@ class Outcome:
     error: Optional[str] = None   # why the study failed on this task (its summary is then {})
 
 
-def check_studies(names: Sequence[str]) -> List[str]:
-    """The names, each one of :data:`STUDIES` (all of them when empty), in that order."""
+@dataclass
+class Job:
+    """One study on one subject (a task, or a run file)."""
+
+    study: registry.Study
+    name: str          # the task's (or run file's) name
+    subject: Any
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+def check_studies(names: Sequence[str]) -> List[registry.Study]:
+    """The studies named (all of them when empty), in the registry's order.
+
+    Raises:
+        ValueError: an unknown name.
+    """
     for n in names:
-        if n not in STUDIES:
-            raise ValueError(f"unknown study {n!r}; choose from {', '.join(STUDIES)}")
-    return [s for s in STUDIES if not names or s in names]
+        registry.get(n)
+    return [s for s in registry.STUDIES if not names or s.name in names]
+
+
+def default_threads() -> int:
+    """Torch threads for the studies: 1. Their models are tiny (a 64-128-64 MLP, a
+    two-layer CNN on 8×8 images), so a second thread buys ~nothing, while a busy machine
+    makes spinning threads wait for each other — 2 threads with a second process on 2
+    cores ran the default study 5× slower."""
+    return 1
+
+
+def set_threads(n: Optional[int]) -> int:
+    """``torch.set_num_threads`` to ``n`` (default :func:`default_threads`), at most the
+    cores this process may use; returns the number set."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = min(n or default_threads(), cores)
+    torch.set_num_threads(n)
+    return n
 
 
 def run_studies(names: Sequence[str], task_specs: Sequence[str], out, seed: int = 0, size: str = "default",
@@ -73,7 +98,8 @@ def run_studies(names: Sequence[str], task_specs: Sequence[str], out, seed: int 
     study and task, in the order run.
 
     A study that fails on a task (e.g. a model the per-sample engine refuses) is recorded
-    with its error and the others go on, unless ``keep_going`` is False.
+    with its error and the others go on, unless ``keep_going`` is False; its earlier
+    result, if any, stays in ``out`` (:mod:`gradnoise.studies.output`).
 
     Raises:
         ValueError: an unknown study, an unknown or duplicate task, a task that fails
@@ -88,32 +114,45 @@ def run_studies(names: Sequence[str], task_specs: Sequence[str], out, seed: int 
         raise ValueError(f"two tasks share a name ({', '.join(names_seen)}); their files would overwrite "
                          "each other")
     out = Path(out)
+    jobs = [Job(s, t.name, t, {"quiet": quiet, "config": overrides.config(s, size)})
+            for s in studies if not s.reads_runs
+            for i, t in enumerate(tasks) if not (default and s.sweep and i > 0)]
+    readers = [s for s in studies if s.reads_runs]
+    if readers and not run_files and not any(s.name == "trajectory" for s in studies):
+        _trajectory_runs(out, tasks)  # fail before any work when there is nothing to read
     outcomes: List[Outcome] = []
-    for study in studies:
-        if study == "recommend":
-            continue
-        for i, task in enumerate(tasks):
-            if not (default and study in SWEEPS and i > 0):
-                outcomes.append(_one(study, task.name, keep_going, RUNNERS[study], task, out, seed=seed,
-                                     size=size, quiet=quiet, config=overrides.config(study, size)))
-    if "recommend" in studies:
-        for f in run_files or _trajectory_runs(out, tasks):
-            outcomes.append(_one("recommend", recommend.run_name(f), keep_going, recommend.run, f, out,
-                                 seed=seed, size=size))
+    with overall(len(jobs) + len(readers) * max(1, len(run_files) or len(tasks)), quiet) as line:
+        def one(job: Job) -> None:
+            line.set_description_str(f"study {line.n + 1}/{line.total}: {job.study.name} on {job.name}")
+            outcomes.append(_one(job, out, seed, size, keep_going))
+            line.update(1)
+
+        for job in jobs:
+            one(job)
+        for study in readers:
+            try:
+                files = list(run_files) or _trajectory_runs(out, tasks)
+            except ValueError as e:  # the trajectory study failed: nothing to read
+                if not keep_going:
+                    raise
+                outcomes.append(Outcome(study.name, "trajectory run files", {}, 0.0, str(e)))
+                continue
+            for f in files:
+                one(Job(study, run_name(f), f))
     return outcomes
 
 
-def _one(study: str, task: str, keep_going: bool, fn: Callable, *args, **kwargs) -> Outcome:
-    """Run one study on one task, timing it; a failure becomes the outcome's error."""
+def _one(job: Job, out: Path, seed: int, size: str, keep_going: bool) -> Outcome:
+    """Run one job, timing it; a failure becomes the outcome's error."""
     t0 = time.perf_counter()
     try:
-        summary = fn(*args, **kwargs)
+        summary = job.study.run(job.subject, out, seed=seed, size=size, **job.kwargs)
     except Exception as e:
         if not keep_going:
             raise
         why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-        return Outcome(study, task, {}, time.perf_counter() - t0, why)
-    return Outcome(study, task, summary, time.perf_counter() - t0)
+        return Outcome(job.study.name, job.name, {}, time.perf_counter() - t0, why)
+    return Outcome(job.study.name, job.name, summary, time.perf_counter() - t0)
 
 
 def _trajectory_runs(out: Path, tasks: Sequence[Task]) -> List[Path]:
@@ -129,5 +168,7 @@ def study_files(out) -> List[Path]:
     """The study files in ``out`` (the report's inputs): ``<study>-<task>.jsonl`` for
     every study, not the monitor's ``*.run.jsonl`` (the trajectory files name those)
     and not other files that may share the folder."""
-    found = {p for study in STUDIES for p in Path(out).glob(f"{study}-*.jsonl")}
+    found = {p for study in registry.NAMES for p in Path(out).glob(f"{study}-*.jsonl")}
     return sorted(p for p in found if not p.name.endswith(".run.jsonl"))
+
+

@@ -1,48 +1,48 @@
-"""One line per study result, for the end of ``gradnoise study``."""
+"""One line per study result, for the end of ``gradnoise study``. Numbers are printed as
+on the report's page (:mod:`gradnoise.report.fmt`): "—" for an undefined one, "≥ 66"
+for a lower bound, "not determined" for an interval with no bound."""
 from __future__ import annotations
 
-import math
-from typing import Any, Optional
+from typing import Optional
+
+from ..report.fmt import fmt_count, fmt_num, fmt_with_interval
 
 
-def fmt(v: Any, spec: str = ".3g") -> str:
-    """A number for people: ``—`` when missing or NaN, ``∞``/``−∞`` when unbounded."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    if v in ("inf", "-inf") or (isinstance(v, float) and math.isinf(v)):
-        return "∞" if v in ("inf", math.inf) else "−∞"
-    return format(v, spec)
+def law_line(s: dict) -> str:
+    where = f" ({s.get('checkpoint')}, B={s.get('batch_size')})" if s.get("checkpoint") else ""
+    return (f"measured E||ĝ_B − ∇J||² vs tr(Σ)/B·(N−B)/(N−1): largest deviation "
+            f"{fmt_num(s.get('max_abs_z'))} standard errors{where} over {fmt_count(s.get('points'))} points")
 
 
-def _interval(iv) -> str:
-    return f"[{fmt(iv[0])}, {fmt(iv[1])}]" if iv else "[—, —]"
+def trajectory_line(s: dict) -> str:
+    return (f"final loss {fmt_num(s.get('final_loss'), 4)}; smoothed B_simple {fmt_num(s.get('b_simple_first'))} "
+            f"-> {fmt_with_interval(s.get('b_simple_last'), s.get('b_simple_interval'))}")
 
 
-def line(study: str, task: str, s: dict) -> str:
-    """A readable one-line summary of a study's ``summary`` dict."""
-    head = f"{study:<15}{task:<24}"
-    if study == "law":
-        where = f" ({s.get('checkpoint')}, B={s.get('batch_size')})" if s.get("checkpoint") else ""
-        return head + (f"measured E||ĝ_B − ∇J||² vs tr(Σ)/B·(N−B)/(N−1): largest deviation "
-                       f"{fmt(s['max_abs_z'], '.2f')} standard errors{where} over {s['points']} points")
-    if study == "trajectory":
-        return head + (f"final loss {fmt(s['final_loss'], '.4f')}; smoothed B_simple {fmt(s['b_simple_first'])} "
-                       f"-> {fmt(s['b_simple_last'])} {_interval(s['b_simple_interval'])}")
-    if study == "critical-batch":
-        return head + (f"B_crit {fmt(s['b_crit'])} {_interval(s['b_crit_interval'])} from {s['points']} runs; "
-                       f"B_simple measured along the way {fmt(s['b_simple'])}" + _reason(s.get("reason")))
-    if study == "lr-batch":
-        stable = s.get("stable_fit") or {}
-        return head + (f"best rate ε(B) = {fmt(s['eps_max'])}/(1 + {fmt(s['b_noise'])}/B), B_noise "
-                       f"{_interval(s['b_noise_interval'])}; largest stable rate: B_noise {fmt(stable.get('b_noise'))} "
-                       f"{_interval(stable.get('b_noise_interval'))}; B_simple at init {fmt(s['b_simple'])}"
-                       + _reason(s.get("reason")))
-    if study == "recommend":
-        rules = "; ".join(f"B={r['to_batch']}: ×{fmt(r['linear'])}/×{fmt(r['sqrt'])}/×{fmt(r['adascale'])}"
-                          for r in s["rules"][:4])
-        return head + (f"B_crit ≈ {fmt(s['b_crit'])} {_interval(s['b_crit_interval'])} at batch "
-                       f"{s['batch_size']}; lr linear/sqrt/AdaScale: {rules}" + _reason(s.get("reason")))
-    return head + str(s)
+def critical_line(s: dict) -> str:
+    b_crit = fmt_with_interval(s.get("b_crit"), s.get("b_crit_interval"))
+    if s.get("b_crit") is None and s.get("b_crit_bound"):
+        b_crit = f"— ({s['b_crit_bound']}, beyond the sweep)"
+    return (f"B_crit {b_crit} from {fmt_count(s.get('points'))} usable runs; B_simple measured along the way "
+            f"{fmt_num(s.get('b_simple'))}" + _reason(s.get("reason")))
+
+
+def lr_batch_line(s: dict) -> str:
+    stable = s.get("stable_fit") or {}
+    best = (f"best rate ε(B) = {fmt_num(s.get('eps_max'))}/(1 + B_noise/B), B_noise "
+            f"{fmt_with_interval(s.get('b_noise'), s.get('b_noise_interval'))}") if s.get("b_noise") is not None \
+        else "best rate: no fit (—)"
+    return (f"{best}; largest stable rate: B_noise "
+            f"{fmt_with_interval(stable.get('b_noise'), stable.get('b_noise_interval'))}; B_simple at init "
+            f"{fmt_num(s.get('b_simple'))}" + _reason(s.get("reason")))
+
+
+def recommend_line(s: dict) -> str:
+    rules = "; ".join(f"B={r['to_batch']}: ×{fmt_num(r['linear'])}/×{fmt_num(r['sqrt'])}/×{fmt_num(r['adascale'])}"
+                      for r in s.get("rules", [])[:4])
+    return (f"noise scale B_simple {fmt_with_interval(s.get('b_crit'), s.get('b_crit_interval'))} at step "
+            f"{fmt_count(s.get('step'))} of a run at batch {fmt_count(s.get('batch_size'))}; lr multipliers "
+            f"linear/sqrt/AdaScale: {rules}" + _reason(s.get("reason")))
 
 
 def _reason(r: Optional[str]) -> str:

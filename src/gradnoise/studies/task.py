@@ -12,7 +12,11 @@ function with no required arguments that returns ``(model, dataset, loss_fn)``:
   entries (e.g. ``TensorDataset``); it is stacked into tensors once, so it must fit in
   memory. Studies draw batches from it without replacement.
 * ``loss_fn(output, target)``: the loss averaged over the batch (``reduction="mean"``),
-  e.g. ``torch.nn.functional.cross_entropy``.
+  e.g. ``torch.nn.functional.cross_entropy``. A loss summed over the batch is declared
+  by returning a fourth element, ``(model, dataset, loss_fn, "sum")``; the studies then
+  divide it by the batch size. The reduction is checked when the task loads (the loss of
+  a batch repeated twice must equal the batch's loss for a mean, twice it for a sum), so
+  a wrong declaration is an error, never a silently wrong number.
 
 The model must be something the per-sample engine can measure (``gradnoise.capture``):
 no BatchNorm in training mode, no other layer that mixes samples.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -95,6 +100,54 @@ def _as_tensors(dataset) -> Tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+REDUCTIONS = ("mean", "sum")
+
+
+def _per_sample_mean(loss_fn: LossFn) -> LossFn:
+    """A summed loss as a batch mean: ``loss_fn(out, y) / len(y)``."""
+    def mean_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return loss_fn(output, target) / len(target)
+    return mean_loss
+
+
+@torch.no_grad()
+def check_reduction(spec: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+                    declared: str) -> None:
+    """Refuse a loss whose reduction is not the ``declared`` one.
+
+    With samples ``i`` and the same samples twice, ``[i, i]``, a batch mean gives the same
+    loss and a sum twice the loss (the model in eval mode, so dropout and BatchNorm do
+    not differ between the two). Pairs of samples are tried until one has a loss ≠ 0.
+
+    Raises:
+        ValueError: the loss is a sum where a mean was declared (or the reverse), or
+            neither; the message says how to declare it.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, min(len(x) - 1, 8), 2):
+            i = torch.tensor([start, start + 1])
+            once = float(loss_fn(model(x[i]), y[i]))
+            twice = float(loss_fn(model(x[i.repeat(2)]), y[i.repeat(2)]))
+            if math.isfinite(once) and once != 0.0 and math.isfinite(twice):
+                break
+        else:
+            return  # a loss that is 0 (or not finite) everywhere: nothing to tell apart
+    finally:
+        model.train(was_training)
+    ratio = twice / once
+    found = "mean" if abs(ratio - 1) < 1e-3 else "sum" if abs(ratio - 2) < 1e-3 else None
+    if found is None:
+        raise ValueError(f"task {spec!r}: loss_fn is neither a batch mean nor a sum over samples (repeating "
+                         f"the batch multiplied its loss by {ratio:.4g}); gradnoise needs one of the two")
+    if found != declared:
+        how = ("return (model, dataset, loss_fn, 'sum') from the task function to declare it, or use "
+               "reduction='mean'") if found == "sum" else "drop the 'sum' declaration"
+        raise ValueError(f"task {spec!r}: loss_fn is a {found} over the batch (repeating the batch multiplied "
+                         f"its loss by {ratio:.3g}) but the task declares {declared!r}: {how}")
+
+
 def _import(name: str):
     """A module by dotted name (the current folder is searched too, as ``python -m``
     does) or by file path ``path/to/file.py``."""
@@ -143,14 +196,27 @@ def load(spec: str, seed: int = 0) -> Task:
         result = fn()
     except Exception as e:
         raise ValueError(f"task {spec!r} failed: {type(e).__name__}: {e}") from None
-    if not (isinstance(result, (tuple, list)) and len(result) == 3):
-        raise ValueError(f"task {spec!r} must return (model, dataset, loss_fn), got {type(result).__name__}")
-    model, dataset, loss_fn = result
+    if not (isinstance(result, (tuple, list)) and len(result) in (3, 4)):
+        raise ValueError(f"task {spec!r} must return (model, dataset, loss_fn) or (model, dataset, loss_fn, "
+                         f"reduction), got {type(result).__name__}")
+    model, dataset, loss_fn = result[:3]
+    reduction = result[3] if len(result) == 4 else "mean"
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"task {spec!r}: the reduction must be 'mean' or 'sum', got {reduction!r}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"task {spec!r}: the model must be an nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise ValueError(f"task {spec!r}: loss_fn must be callable")
     x, y = _as_tensors(dataset)
+    try:
+        check_reduction(spec, model, x, y, loss_fn, reduction)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"task {spec!r}: the model or loss_fn fails on a batch of the dataset "
+                         f"({type(e).__name__}: {e})") from None
+    if reduction == "sum":
+        loss_fn = _per_sample_mean(loss_fn)
     stem = Path(mod_name).stem if mod_name.endswith(".py") else mod_name.rsplit(".", 1)[-1]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem if fn_name == "task" else fn_name)
     return Task(name, model, x, y, loss_fn)

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from ..monitor import NoiseMonitor
 from ..monitor.sinks import JsonlSink
-from .output import StudyWriter, num, set_aside
+from .output import StudyWriter, num
 from .progress import bar
 from .task import Task
 from .training import batches, full_loss, sgd_step
@@ -47,16 +46,16 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
     cfg = config or TrajectoryConfig.for_size(size)
     model = task.fresh_model()
     gen = torch.Generator().manual_seed(seed)
-    run_path = Path(out) / f"trajectory-{task.name}.run.jsonl"
-    Path(out).mkdir(parents=True, exist_ok=True)
-    set_aside(run_path)  # a new study starts a new run file (the old one goes to previous/)
+    run_name = f"trajectory-{task.name}.run.jsonl"
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    monitor = NoiseMonitor(model, source="per_sample", sinks=[JsonlSink(run_path)], every=cfg.every, beta=cfg.beta)
     first = last = None
     loss = math.nan
     it = batches(task.size, min(cfg.batch_size, task.size // 2), gen)  # small data sets: half of it
-    with StudyWriter(out, "trajectory", task.name, seed, size, {**asdict(cfg), "run_file": run_path.name}) as w, \
+    with StudyWriter(out, "trajectory", task.name, seed, size, {**asdict(cfg), "run_file": run_name}) as w, \
             bar(cfg.steps, f"trajectory {task.name}", quiet) as progress:
+        # the run file is staged with the study file: a failed run leaves the old pair
+        monitor = NoiseMonitor(model, source="per_sample", sinks=[JsonlSink(w.companion(run_name))],
+                               every=cfg.every, beta=cfg.beta)
         try:
             for step in range(cfg.steps):
                 loss = sgd_step(model, opt, task, next(it), monitor)
