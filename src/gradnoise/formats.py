@@ -56,8 +56,9 @@ with unbounded ends written ``"inf"`` / ``"-inf"``):
     ``step``: ``{"step", "loss", "full_loss"}`` — the batch loss of every step and the
     full-data loss where it was evaluated (else ``null``). The noise of the same steps is
     in the monitor's run file ``config["run_file"]`` (format ``gradnoise-run``, beside
-    this file). ``summary``: ``{"final_loss", "b_simple_first", "b_simple_last",
-    "b_simple_interval"}``.
+    this file). ``summary``: ``{"final_loss", "b_simple_first", "b_simple_first_step",
+    "b_simple_first_interval", "b_simple_last", "b_simple_interval"}`` — the first smoothed
+    ``B_simple`` whose interval is bounded (v2), and the last one.
 ``critical-batch``
     ``run``: ``{"batch_size", "lr", "seed", "reached", "steps", "examples",
     "final_loss", "b_simple", "b_simple_interval"}`` — one training run to
@@ -65,8 +66,13 @@ with unbounded ends written ``"inf"`` / ``"-inf"``):
     reach it; ``b_simple`` is the monitor's smoothed value at the end of the run.
     ``best``: ``{"batch_size", "seed", "lr", "steps", "examples"}`` — the fewest steps
     over the learning-rate grid. ``summary``: ``{"target_loss", "s_min", "e_min",
-    "b_crit", "b_crit_interval", "b_simple", "b_simple_interval", "points", "reason"}``
-    — the fit ``(S/S_min − 1)(E/E_min − 1) = 1``, ``B_crit = E_min/S_min``;
+    "b_crit", "b_crit_interval", "b_crit_bound", "b_simple", "b_simple_interval", "points",
+    "runs", "reason"}`` — the fit ``(S/S_min − 1)(E/E_min − 1) = 1``,
+    ``B_crit = E_min/S_min``, to the ``points`` of the ``runs`` best runs that measure
+    ``S`` (v2: a run that reached the target at its first evaluation, or whose best rate
+    is an edge of the grid, is left out); ``b_crit`` is ``null`` when the points cannot
+    support a fit, and ``b_crit_bound`` (``">512"``, ``"<8"``) records a fit beyond the
+    sweep;
     ``b_simple`` is the median over the best runs of the monitor's smoothed value at
     their end and ``b_simple_interval`` the range of those values; ``reason`` (or
     ``null``) says why the fit is missing or doubtful (several notes joined by
@@ -80,15 +86,18 @@ with unbounded ends written ``"inf"`` / ``"-inf"``):
     "lr_best", "best_loss"}`` — the largest rate of the grid that trained (neither
     diverged nor made no progress) and the rate with the lowest final loss (``null``
     if none). ``summary``: ``{"eps_max", "b_noise", "b_noise_interval", "rms",
-    "stable_fit", "b_simple", "points", "reason"}`` — the fit
-    ``ε(B) = ε_max/(1 + B_noise/B)`` to ``lr_best``; ``stable_fit`` is the same law
+    "stable_fit", "b_simple", "best", "points", "reason"}`` — the fit
+    ``ε(B) = ε_max/(1 + B_noise/B)`` to the ``points`` of ``best`` (``[[B, lr_best]]``)
+    whose rate lies inside the grid (v2; ``null`` fields when they cannot support a fit,
+    or the fit lies beyond the sweep); ``stable_fit`` is the same law
     fitted to ``lr_max`` (``{"eps_max", "b_noise", "b_noise_interval", "rms"}``, or
     ``null``); ``b_simple`` was measured at initialisation; ``reason`` (or ``null``)
     says why the fit is missing or doubtful (several notes joined by ``"; "``).
 ``recommend``
-    ``summary``: ``{"run_file", "batch_size", "b_crit", "b_crit_interval", "steps",
-    "rules": [{"to_batch", "linear", "sqrt", "adascale"}, ...]}`` — the smoothed
-    ``B_simple`` of the run's last measured steps as the critical batch size, and the
+    ``summary``: ``{"run_file", "batch_size", "b_crit", "b_crit_interval", "steps", "step",
+    "reason", "rules": [{"to_batch", "linear", "sqrt", "adascale"}, ...]}`` — the smoothed
+    ``B_simple`` of the run's last measured step (``step``) as the critical batch size at
+    that stage, and the
     learning-rate multiplier each rule gives for moving from ``batch_size`` to
     ``to_batch``.
 """

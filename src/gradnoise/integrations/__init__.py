@@ -5,6 +5,8 @@ so ``import gradnoise`` never needs (or imports) any of them:
 
 * :mod:`gradnoise.integrations.lightning` — ``NoiseMonitorCallback`` for PyTorch
   Lightning's ``Trainer`` (``pip install gradnoise[lightning]``).
+* :mod:`gradnoise.integrations.transformers` — ``NoiseMonitorCallback`` for Hugging Face
+  ``transformers.Trainer`` (``pip install gradnoise[transformers]``).
 """
 
 __all__: list = []

@@ -12,6 +12,11 @@ from .figures import (COLORS, Plot, all_positive, band, finish, legend, limits, 
 from .series import NoiseSeries
 
 RAW_STYLE = dict(s=6, alpha=0.3, linewidths=0)
+
+
+def _marks(s: NoiseSeries) -> dict:
+    """Markers on the lines of a run with few steps (a line through one point draws nothing)."""
+    return {"marker": "o", "markersize": 4} if len(s.step) < 5 else {}
 Loss = Tuple[np.ndarray, np.ndarray, np.ndarray]  # step, batch loss, full-data loss
 
 
@@ -45,7 +50,7 @@ def _trace_panel(ax: Axes, s: NoiseSeries) -> None:
         keep = np.isfinite(raw) & ((raw > 0) if log else True)
         ax.scatter(s.step[keep], raw[keep], color=color, **RAW_STYLE)
         ax.plot(s.step, np.where(smooth > 0, smooth, np.nan) if log else smooth, color=color,
-                linewidth=1.5, label=f"{label} smoothed")
+                linewidth=1.5, label=f"{label} smoothed", **_marks(s))
         if key in s.bands:
             band(ax, s.step, *s.bands[key], ylim, color)
     if log:
@@ -65,7 +70,7 @@ def _b_simple_panel(ax: Axes, s: NoiseSeries) -> None:
         return
     keep = np.isfinite(raw) & ((raw > 0) if log else True)
     ax.scatter(s.step[keep], raw[keep], color=COLORS[2], label="raw (one step)", **RAW_STYLE)
-    ax.plot(s.step, smooth, color=COLORS[2], linewidth=1.5, label="smoothed")
+    ax.plot(s.step, smooth, color=COLORS[2], linewidth=1.5, label="smoothed", **_marks(s))
     band(ax, s.step, s.b_band[0], s.b_band[1], ylim, COLORS[2], label="95 % interval")
     if log:
         log_axis(ax, "y")
@@ -99,7 +104,7 @@ def _layer_panel(ax: Axes, s: NoiseSeries) -> None:
     ylim = _layer_limits(values, [b for layer in shown for b in layer.band], log)
     for i, layer in enumerate(shown):
         color = COLORS[i % len(COLORS)]
-        ax.plot(s.step, layer.b_simple, color=color, linewidth=1.1, label=layer.label)
+        ax.plot(s.step, layer.b_simple, color=color, linewidth=1.1, label=layer.label, **_marks(s))
         band(ax, s.step, *layer.band, ylim, color, alpha=0.10)
     if log:
         log_axis(ax, "y")

@@ -99,7 +99,8 @@ def _trajectory_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
     pairs = [
         ("run file", fmt_text(inp.run_path.name if inp.run_path is not None else None)),
         ("final loss", fmt_num(summary.get("final_loss"))),
-        ("first smoothed B_simple (study)", fmt_num(summary.get("b_simple_first"))),
+        (f"first smoothed B_simple with a bounded interval (study, step {fmt_count(summary.get('b_simple_first_step'))})",
+         fmt_with_interval(summary.get("b_simple_first"), summary.get("b_simple_first_interval"))),
         ("last smoothed B_simple, 95 % interval (study)",
          fmt_with_interval(summary.get("b_simple_last"), summary.get("b_simple_interval"))),
     ]

@@ -186,8 +186,9 @@ RULE_TEXT = {
 LAW_Z = 3.5   # the largest |z| over ~20 points of a law that holds stays below this (tested)
 
 
-def _power_of_two(b: float) -> int:
-    return int(2 ** round(math.log2(max(b, 1.0))))
+def _round(b: float) -> int:
+    """A batch size to say: two significant digits, at least 2."""
+    return max(2, int(float(f"{b:.2g}")))
 
 
 # ------------------------------------------------------------------ one task
@@ -267,14 +268,13 @@ def _task_verdict(f: _Facts) -> TaskVerdict:
     if batch is None:
         return TaskVerdict(f.task, Line().add("No batch-size answer: these data cannot support one."),
                            because, _what_to_run(f, crit, stage), False)
-    chosen = _power_of_two(batch)
+    chosen = _round(batch)
     head = Line().add(f"Batch size of at least ≈ {chosen}" if lower_bound else f"Batch size ≈ {chosen}")
     if lr_value is not None:
         head.add(" and learning rate ≈ ").add(fmt_num(lr_value, 2), lr_a)
     head.add(" for the stage up to the loss " + fmt_num(target) if math.isfinite(b_crit)
              else " at the stage this run reached")
-    head.add(f" (B {'≥' if lower_bound else '≈'} {fmt_num(batch)} rounded to a power of two"
-             + ("; the upper end is not determined from these steps" if lower_bound else "") + ").")
+    head.add(" (the upper end is not determined from these steps)." if lower_bound else ".")
     return TaskVerdict(f.task, head, because, _next_step(stage, batch, b_crit), True)
 
 
@@ -283,7 +283,7 @@ def _lr_lines(f: _Facts, lrb: Dict[str, Any], lr_a: str, batch: Optional[float],
     if not lrb:
         if stage is None or batch is None or not math.isfinite(stage.batch_size):
             return None, None, None
-        to = _power_of_two(batch)
+        to = _round(batch)
         gain = (1 + stage.last / stage.batch_size) / (1 + stage.last / to)  # AdaScale, B_noise = B_simple
         return (Line().add(f"No learning-rate study: moving from the run's batch {fmt_count(stage.batch_size)} to "
                            f"{to}, multiply a learning rate tuned at {fmt_count(stage.batch_size)} by the AdaScale "
@@ -295,7 +295,7 @@ def _lr_lines(f: _Facts, lrb: Dict[str, Any], lr_a: str, batch: Optional[float],
     lr_line = rule_line = None
     value = None
     if batch is not None and math.isfinite(eps_max) and math.isfinite(b_noise):
-        b = _power_of_two(batch)
+        b = _round(batch)
         value = eps_max / (1 + b_noise / b)
         lr_line = Line().add(f"For batch {b} the best-rate law ε(B) = ").add(fmt_num(eps_max), lr_a).add(
             "/(1 + ").add(fmt_num(b_noise), lr_a).add(f"/B) gives ε ≈ {fmt_num(value, 2)}")
@@ -304,7 +304,7 @@ def _lr_lines(f: _Facts, lrb: Dict[str, Any], lr_a: str, batch: Optional[float],
             lr_line.add(f"; the best rate measured at B={fmt_count(near[0])} was ").add(fmt_num(near[1]), lr_a)
         lr_line.add(".")
     elif batch is not None and best:
-        b = _power_of_two(batch)
+        b = _round(batch)
         near = min(best, key=lambda p: abs(math.log(p[0] / b)))
         value = near[1]
         lr_line = Line().add(f"For batch {b}: the best rate of the grid at B={fmt_count(near[0])} was ").add(
@@ -315,9 +315,9 @@ def _lr_lines(f: _Facts, lrb: Dict[str, Any], lr_a: str, batch: Optional[float],
         rule = supported_rule(fits, len(best))
         lo, hi = best[0], best[-1]
         others = ", ".join(f"{k} {fmt_num(v, 2)}" for k, v in fits.items())
-        rule_line = Line().add(f"The best rates rose ×{fmt_num(hi[1] / lo[1], 2)} while the batch grew "
-                               f"×{fmt_num(hi[0] / lo[0], 2)} (B={fmt_count(lo[0])}→{fmt_count(hi[0])}): the data "
-                               f"support {RULE_TEXT[rule]} (rms log-error: {others}).", lr_a)
+        rule_line = Line().add("The ").add("best rates", lr_a).add(
+            f" rose ×{fmt_num(hi[1] / lo[1], 2)} while the batch grew ×{fmt_num(hi[0] / lo[0], 2)} "
+            f"(B={fmt_count(lo[0])}→{fmt_count(hi[0])}): the data support {RULE_TEXT[rule]} (rms log-error: {others}).")
     return lr_line, rule_line, value
 
 
@@ -334,12 +334,12 @@ def _short_reason(reason: Any) -> str:
 
 def _next_step(stage: Optional[_Stage], batch: float, b_crit: float) -> Line:
     if stage is not None and math.isfinite(b_crit) and stage.interval[0] > b_crit:
-        return Line().add(f"Next: train at batch ≈ {_power_of_two(b_crit)} early and grow the batch as B_simple "
-                          f"grows (≈ {_power_of_two(stage.last)} by the end of this run), scaling the learning rate "
+        return Line().add(f"Next: train at batch ≈ {_round(b_crit)} early and grow the batch as B_simple "
+                          f"grows (≈ {_round(stage.last)} by the end of this run), scaling the learning rate "
                           "by the rule above; a NoiseMonitor in your loop tracks B_simple.")
     if stage is not None and not _determined(stage.interval):
         return Line().add("Next: measure more steps — the noise scale is not determined yet.")
-    return Line().add(f"Next: train at batch ≈ {_power_of_two(batch)}; past it a larger batch mostly costs examples. "
+    return Line().add(f"Next: train at batch ≈ {_round(batch)}; past it a larger batch mostly costs examples. "
                       "Keep a NoiseMonitor in the loop: the noise scale grows as the loss falls.")
 
 

@@ -15,8 +15,10 @@ def law_line(s: dict) -> str:
 
 
 def trajectory_line(s: dict) -> str:
-    return (f"final loss {fmt_num(s.get('final_loss'), 4)}; smoothed B_simple {fmt_num(s.get('b_simple_first'))} "
-            f"-> {fmt_with_interval(s.get('b_simple_last'), s.get('b_simple_interval'))}")
+    first = fmt_with_interval(s.get("b_simple_first"), s.get("b_simple_first_interval"))
+    at = f" at step {s['b_simple_first_step']}" if s.get("b_simple_first_step") is not None else ""
+    return (f"final loss {fmt_num(s.get('final_loss'), 4)}; smoothed B_simple {first}{at} "
+            f"-> {fmt_with_interval(s.get('b_simple_last'), s.get('b_simple_interval'))} at the end")
 
 
 def critical_line(s: dict) -> str:

@@ -61,7 +61,8 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
                 loss = sgd_step(model, opt, task, next(it), monitor)
                 rec = monitor.last if monitor.last is not None and monitor.last.step == step else None
                 if rec is not None and math.isfinite(rec.smoothed.b_simple):
-                    first = first or rec
+                    # the first value worth quoting: the first with a bounded interval
+                    first = first or (rec if math.isfinite(rec.b_simple_interval[1]) else None)
                     last = rec
                 ev = full_loss(model, task) if step % cfg.eval_every == 0 or step == cfg.steps - 1 else None
                 w.write("step", step=step, loss=num(loss), full_loss=num(ev))
@@ -71,6 +72,8 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
         summary = {
             "final_loss": num(full_loss(model, task)),
             "b_simple_first": num(first.smoothed.b_simple) if first else None,
+            "b_simple_first_step": first.step if first else None,
+            "b_simple_first_interval": list(first.b_simple_interval) if first else [math.nan, math.nan],
             "b_simple_last": num(last.smoothed.b_simple) if last else None,
             "b_simple_interval": list(last.b_simple_interval) if last else [math.nan, math.nan],
         }

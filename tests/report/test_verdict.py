@@ -1,0 +1,144 @@
+"""The verdict at the top of the page (issue 9, finding 1): one answer per task that
+agrees with every number below it, says why two critical batch sizes differ, and says
+so when the data cannot answer."""
+import json
+import re
+
+import pytest
+
+from gradnoise.formats import run_header
+from gradnoise.report import build_report, verdict_lines
+from gradnoise.report.verdict import rule_fits, supported_rule
+from gradnoise.studies.output import StudyWriter
+from test_report_build import check_page
+
+INF = float("inf")
+
+
+def _run_file(path, values):
+    """A v2 run file whose steps have the smoothed B_simple and intervals ``values``:
+    ``[(step, b_simple, (low, high)), ...]``, batch 32."""
+    lines = [run_header("per_sample", 2, 0.95, ["fc.weight"], {"fc": {"type": "Linear", "params": ["fc.weight"]}})]
+    for step, b, iv in values:
+        sm = {"trace_cov": b, "grad_sq_norm": 1.0, "b_simple": b, "trace_cov_interval": [0.5 * b, 2 * b],
+              "grad_sq_norm_interval": [0.5, 2.0]}
+        lines.append({"type": "step", "step": step, "source": "per_sample", "skipped": False, "flag": None,
+                      "loss_scale": None, "batch_size": 32, "n_groups": 32,
+                      "raw": {"trace_cov": b, "grad_sq_norm": 1.0, "b_simple": b, "flag": None}, "smoothed": sm,
+                      "b_simple_interval": [iv[0], "inf" if iv[1] == INF else iv[1]],
+                      "by_param": {"fc.weight": {"raw": dict(sm), "smoothed": dict(sm)}},
+                      "by_layer": {"fc": {"smoothed": dict(sm), "b_simple_interval": [iv[0], "inf" if iv[1] == INF
+                                                                                      else iv[1]]}}})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _trajectory(out, values, final_loss=0.119):
+    name = "trajectory-digits-mlp.run.jsonl"
+    with StudyWriter(out, "trajectory", "digits-mlp", 0, "default", {"run_file": name, "batch_size": 32}) as w:
+        for i in range(0, 600, 25):
+            w.write("step", step=i, loss=1.0, full_loss=2.3 * (1 - i / 650) if i < 575 else final_loss)
+        w.write("step", step=599, loss=0.1, full_loss=final_loss)
+        w.write("summary", final_loss=final_loss, b_simple_first=values[0][1], b_simple_last=values[-1][1],
+                b_simple_interval=list(values[-1][2]))
+    _run_file(out / name, values)
+    return w.path
+
+
+def _critical(out, b_crit=22.6, interval=(17.5, 28.8), reason=None, along=14.1):
+    with StudyWriter(out, "critical-batch", "digits-mlp", 0, "default", {"target_loss": 0.2}) as w:
+        w.write("summary", target_loss=0.2, s_min=40.0, e_min=40.0 * (b_crit or 1), b_crit=b_crit,
+                b_crit_interval=list(interval), b_crit_bound=None, b_simple=along, b_simple_interval=[5.7, 37.0],
+                points=14, runs=14, reason=reason)
+    return w.path
+
+
+BEST = [[8, 0.28], [16, 0.4], [32, 0.4], [64, 0.57], [128, 0.57], [256, 0.8], [512, 0.8]]
+
+
+def _lr_batch(out):
+    with StudyWriter(out, "lr-batch", "digits-mlp", 0, "default", {}) as w:
+        for b, lr in BEST:
+            w.write("stable", batch_size=b, lr_max=2 * lr, lr_best=lr, best_loss=0.3)
+        w.write("summary", eps_max=0.7, b_noise=12.5, b_noise_interval=[4.8, 24.0], rms=0.1, stable_fit=None,
+                b_simple=110.0, best=BEST, points=7, reason=None)
+    return w.path
+
+
+@pytest.fixture
+def studies(tmp_path):
+    out = tmp_path / "studies"
+    growing = [(s, 10 + s / 5, (5 + s / 10, 30 + s * 3)) for s in range(0, 598, 2)] + [(598, 129.0, (66.0, 1750.0))]
+    return out, [_trajectory(out, growing), _critical(out), _lr_batch(out)]
+
+
+def test_two_critical_batch_sizes_are_reconciled(studies, tmp_path):
+    """Finding 1: critical-batch's 22.6 and the trajectory's 129 were both labelled
+    B_crit with no word on why they differ."""
+    out, files = studies
+    text = "\n".join(verdict_lines(files))
+    assert "digits-mlp: Batch size ≈ 23 and learning rate ≈ 0.45 for the stage up to the loss 0.2." in text
+    assert "B_crit ≈ 22.6 (95 % interval [17.5, 28.8])" in text
+    assert "B_simple measured along those runs, 14.1, agrees with it" in text
+    assert "B_simple ≈ 129 (95 % interval [66, 1750])" in text
+    assert "larger than B_crit because it is measured later, at a lower loss (0.119 < target 0.2)" in text
+    assert "grow the batch as B_simple grows" in text
+    # the learning rate for that batch is lr-batch's law, beside the best rate measured nearby
+    assert "ε(B) = 0.7/(1 + 12.5/B) gives ε ≈ 0.45; the best rate measured at B=32 was 0.4" in text
+    page = build_report(files, tmp_path / "report")
+    html = page.read_text()
+    assert html.index('id="verdict"') < html.index("<h2>Input files</h2>") < html.index('id="law"' if 'id="law"'
+                                                                                         in html else "<main>")
+    # every number in the verdict links to a part of the page that exists
+    links = set(re.findall(r'<a href="#([^"]+)">', html[html.index('id="verdict"'):html.index("</section>")]))
+    assert {"critical-batch-digits-mlp", "trajectory-digits-mlp", "lr-batch-digits-mlp"} <= links
+    assert all(f'id="{a}"' in html for a in links)
+    check_page(page)
+
+
+def test_the_rule_the_best_rates_support():
+    linear = [(b, 0.01 * b) for b in (8, 16, 32, 64)]
+    assert supported_rule(rule_fits(linear, None), 4) == "linear"
+    sqrt = [(b, 0.05 * b ** 0.5) for b in (8, 16, 32, 64)]
+    assert supported_rule(rule_fits(sqrt, None), 4) == "sqrt"
+    flat = [(b, 0.7 / (1 + 12 / b)) for b in (4, 8, 16, 32, 64, 128, 256, 512)]
+    fits = rule_fits(flat, 0.001)
+    assert supported_rule(fits, 8) == "law" and fits["law"] < min(fits["linear"], fits["sqrt"])
+    # a law that fits no better than a one-parameter rule does not win on its extra parameter
+    assert supported_rule(rule_fits(linear, rule_fits(linear, None)["linear"]), 4) == "linear"
+
+
+def test_no_answer_when_the_data_cannot_support_one(tmp_path):
+    out = tmp_path / "studies"
+    crit = _critical(out, b_crit=None, interval=(float("nan"), float("nan")), along=None,
+                     reason="B=8, 16 reached the target at the first evaluation, so S is only the evaluation "
+                            "spacing there (left out of the fit; set a lower --target-loss); no B_crit: 0 usable runs")
+    text = "\n".join(verdict_lines([crit]))
+    assert "No batch-size answer: these data cannot support one." in text
+    assert "--target-loss" in text and "gradnoise study trajectory" in text
+    assert "≈" not in text.split("Run instead")[0].split("No batch-size answer")[1]  # no number presented as answer
+
+
+def test_a_run_file_alone_gives_a_stage_answer_or_says_it_is_not_determined(tmp_path):
+    known = tmp_path / "known.jsonl"
+    _run_file(known, [(0, 50.0, (float("nan"), float("nan"))), (10, 80.0, (60.0, 110.0))])
+    text = "\n".join(verdict_lines([known]))
+    assert "known.jsonl: Batch size ≈ 80 at the stage this run reached." in text
+    assert "AdaScale gain" in text
+    bound = tmp_path / "bound.jsonl"
+    _run_file(bound, [(0, 50.0, (float("nan"), float("nan"))), (10, 84.2, (66.0, INF))])
+    text = "\n".join(verdict_lines([bound]))
+    assert "Batch size of at least ≈ 66" in text and "not determined" in text
+    unknown = tmp_path / "unknown.jsonl"
+    _run_file(unknown, [(0, 50.0, (float("nan"), float("nan"))), (10, 84.2, (0.0, INF))])
+    text = "\n".join(verdict_lines([unknown]))
+    assert "No batch-size answer" in text and "not determined from these steps" in text
+    assert "84.2 [" not in text  # never a number with a confident interval
+
+
+def test_failures_make_the_page_say_it_is_incomplete(studies, tmp_path):
+    out, files = studies
+    page = build_report(files, tmp_path / "report", failures=["lr-batch on digits-mlp: boom"])
+    visible = " ".join(check_page(page).visible)
+    assert "This run is incomplete" in visible and "lr-batch on digits-mlp: boom" in visible
+    assert verdict_lines(files, ["lr-batch on digits-mlp: boom"])[-1] == \
+        "  not in this verdict: lr-batch on digits-mlp: boom"
