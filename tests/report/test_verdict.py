@@ -111,7 +111,7 @@ def test_no_answer_when_the_data_cannot_support_one(tmp_path):
     out = tmp_path / "studies"
     crit = _critical(out, b_crit=None, interval=(float("nan"), float("nan")), along=None,
                      reason="B=8, 16 reached the target at the first evaluation, so S is only the evaluation "
-                            "spacing there (left out of the fit; set a lower --target-loss); no B_crit: 0 usable runs")
+                            "spacing there (left out of the fit: set a lower --target-loss); no B_crit: 0 usable runs")
     text = "\n".join(verdict_lines([crit]))
     assert "No batch-size answer: these data cannot support one." in text
     assert "--target-loss" in text and "gradnoise study trajectory" in text

@@ -54,6 +54,7 @@ from torch import nn
 from ..errors import GradNoiseError
 from ..monitor import NoiseMonitor, StepRecord
 from ..monitor.monitor import check_options
+from .lazy import LazyClass
 
 __all__ = ["NoiseMonitorCallback"]
 
@@ -318,30 +319,8 @@ def _scale_restored(scaler, optimizer):
                 g.copy_(s)
 
 
-_CLASS = None
-
-
-def _callback_class():
-    global _CLASS
-    if _CLASS is None:
-        pl = load_lightning()
-        _CLASS = type(
-            "NoiseMonitorCallback",
-            (NoiseMonitorHooks, pl.Callback),
-            {"__module__": __name__, "__qualname__": "NoiseMonitorCallback", "__doc__": _DOC},
-        )
-    return _CLASS
-
-
-_DOC = (
-    "Lightning ``Callback`` measuring the gradient noise of every optimizer step "
-    "(module docstring of :mod:`gradnoise.integrations.lightning`).\n\n"
-    + (NoiseMonitorHooks.__doc__ or "").split("\n\n", 1)[1]
-)
-
-
-def __getattr__(name: str):
-    # PEP 562: the class is built (and Lightning imported) on first access
-    if name == "NoiseMonitorCallback":
-        return _callback_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+CALLBACK = LazyClass(
+    __name__, "NoiseMonitorCallback", NoiseMonitorHooks, lambda: load_lightning().Callback,
+    "Lightning ``Callback`` measuring the gradient noise of every optimizer step (module docstring of "
+    ":mod:`gradnoise.integrations.lightning`).")
+__getattr__ = CALLBACK.module_getattr

@@ -120,7 +120,8 @@ def _group(inputs: Sequence[Input], stems: Sequence[str]) -> List[_Facts]:
 class _Stage:
     """The smoothed noise scale at the start and end of a run, with the loss there."""
 
-    first: float
+    first: float           # the first smoothed value with a bounded interval
+    first_step: float
     last: float
     interval: Tuple[float, float]
     step: float
@@ -132,15 +133,17 @@ class _Stage:
 def _stage(inp: Input, header: Dict[str, Any], steps, anchor_id: str) -> Optional[_Stage]:
     series = noise_series(header, steps)
     b = series.smoothed["b_simple"]
+    low, high = series.b_band
     ok = np.flatnonzero(np.isfinite(b))
     if not ok.size:
         return None
-    i, j = int(ok[0]), int(ok[-1])
-    low, high = series.b_band
+    bounded = np.flatnonzero(np.isfinite(b) & np.isfinite(high))  # the first value worth quoting
+    i, j = int(bounded[0] if bounded.size else ok[0]), int(ok[-1])
     sizes = [to_float(s.get("batch_size")) for s in steps]
     losses = [to_float(r.get("full_loss")) for r in inp.of_type("step")] if inp.format != RUN_FORMAT else []
     finite = [v for v in losses if math.isfinite(v)]
-    return _Stage(float(b[i]), float(b[j]), domain_interval([low[j], high[j]]), float(series.step[j]),
+    return _Stage(float(b[i]), float(series.step[i]), float(b[j]), domain_interval([low[j], high[j]]),
+                  float(series.step[j]),
                   float(np.median([v for v in sizes if math.isfinite(v)] or [math.nan])),
                   finite[-1] if finite else math.nan, anchor_id)
 
@@ -232,7 +235,9 @@ def _task_verdict(f: _Facts) -> TaskVerdict:
         line = Line().add(f"The noise scale {where} (step {fmt_count(stage.step)}{loss_txt}) is B_simple ≈ ").add(
             fmt_num(stage.last), stage.anchor).add(f" ({_iv_text(stage.interval)})")
         if stage.last > 1.5 * stage.first:
-            line.add(f", up from {fmt_num(stage.first)} at its first measured step: it grows as the loss falls")
+            line.add(f", up from {fmt_num(stage.first)} at step {fmt_count(stage.first_step)}: it grows as the loss falls")
+        elif stage.last < stage.first / 1.5:
+            line.add(f", down from {fmt_num(stage.first)} at step {fmt_count(stage.first_step)}")
         if batch is not None:
             lo_c, hi_c = domain_interval(crit.get("b_crit_interval"))
             later = math.isfinite(stage.loss) and math.isfinite(target) and stage.loss < target
@@ -327,36 +332,50 @@ def _iv_text(iv: Tuple[float, float]) -> str:
 
 
 def _short_reason(reason: Any) -> str:
+    """The root cause among a study's notes: the first one (the ``no …`` conclusion that
+    follows from it is left out)."""
     parts = [p for p in str(reason or "").split("; ") if p]
-    fits = [p for p in parts if p.startswith("no ")]
-    return (fits or parts or ["no reason recorded"])[0]
+    causes = [p for p in parts if not p.startswith("no ")]
+    text = (causes or parts or ["no reason recorded"])[0]
+    return text + (f" (and {len(causes) - 1} more note{'s' if len(causes) > 2 else ''})" if len(causes) > 1 else "")
 
 
 def _next_step(stage: Optional[_Stage], batch: float, b_crit: float) -> Line:
-    if stage is not None and math.isfinite(b_crit) and stage.interval[0] > b_crit:
-        return Line().add(f"Next: train at batch ≈ {_round(b_crit)} early and grow the batch as B_simple "
-                          f"grows (≈ {_round(stage.last)} by the end of this run), scaling the learning rate "
-                          "by the rule above; a NoiseMonitor in your loop tracks B_simple.")
-    if stage is not None and not _determined(stage.interval):
-        return Line().add("Next: measure more steps — the noise scale is not determined yet.")
-    return Line().add(f"Next: train at batch ≈ {_round(batch)}; past it a larger batch mostly costs examples. "
-                      "Keep a NoiseMonitor in the loop: the noise scale grows as the loss falls.")
+    """What to do with the answer, by what the noise scale did along the run."""
+    monitor = "a NoiseMonitor in your loop tracks B_simple"
+    if stage is None:
+        return Line().add(f"Next: train at batch ≈ {_round(batch)} up to that loss; the noise scale usually grows "
+                          "as the loss falls, so measure it later in training too (gradnoise study trajectory, "
+                          "or a NoiseMonitor in your loop).")
+    if math.isfinite(b_crit) and stage.interval[0] > b_crit:
+        return Line().add(f"Next: train at batch ≈ {_round(b_crit)} early and grow the batch as B_simple grows "
+                          f"(≈ {_round(stage.last)} by the end of this run), scaling the learning rate by the rule "
+                          f"above; {monitor}.")
+    if not math.isfinite(stage.interval[1]):
+        return Line().add(f"Next: batches up to at least ≈ {_round(batch)} still pay at this stage; the upper end "
+                          f"needs more measured steps (a longer run; {monitor}).")
+    if stage.last > 1.5 * stage.first:
+        return Line().add(f"Next: train at batch ≈ {_round(batch)} at this stage; the noise scale grew along this "
+                          f"run, so grow the batch with it; {monitor}.")
+    if stage.last < stage.first / 1.5:
+        return Line().add(f"Next: train at batch ≈ {_round(batch)}; the noise scale fell along this run, so a batch "
+                          f"chosen from early steps is too large later; {monitor}.")
+    return Line().add(f"Next: train at batch ≈ {_round(batch)}; past it a larger batch mostly costs examples; "
+                      f"{monitor}.")
 
 
 def _what_to_run(f: _Facts, crit: Dict[str, Any], stage: Optional[_Stage]) -> Line:
-    asks = []
+    """The command(s) that would give the missing answer."""
     reason = str(crit.get("reason") or "")
-    if "first evaluation" in reason:
-        asks.append("gradnoise study critical-batch --target-loss <a lower loss>")
-    if "grid" in reason:
-        asks.append("gradnoise study critical-batch --lrs <a wider grid>")
-    if "do not bend" in reason:
-        asks.append("gradnoise study critical-batch --batch-sizes <a wider sweep>")
+    flags = [flag for needle, flag in (("first evaluation", "--target-loss <a lower loss>"),
+                                       ("grid", "--lrs <a wider grid>"),
+                                       ("do not bend", "--batch-sizes <a wider sweep>")) if needle in reason]
+    asks = []
+    if f.critical is None or flags:
+        asks.append(" ".join(["gradnoise study critical-batch"] + flags))
     if stage is None or not _determined(stage.interval):
         asks.append("gradnoise study trajectory (more steps) or a longer NoiseMonitor run")
-    if f.critical is None:
-        asks.append("gradnoise study critical-batch")
-    return Line().add("Run instead: " + "; ".join(dict.fromkeys(asks)) + ".")
+    return Line().add("Run instead: " + "; or ".join(asks) + ".")
 
 
 # ------------------------------------------------------------------ the page's verdict

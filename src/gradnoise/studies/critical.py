@@ -141,13 +141,13 @@ def _usable(best: List[Tuple[int, int, float]], cfg: CriticalConfig) -> Tuple[Li
     first = sorted({b for b, s, _ in best if s <= eval_every(cfg, b)})
     if first:
         notes.append(f"B={', '.join(map(str, first))} reached the target at the first evaluation, so S is "
-                     "only the evaluation spacing there (left out of the fit; set a lower --target-loss)")
+                     "only the evaluation spacing there (left out of the fit: set a lower --target-loss)")
     edges = (max(cfg.lrs), min(cfg.lrs)) if len(cfg.lrs) > 1 else ()
     for edge, where in zip(edges, ("top", "bottom")):
         at = sorted({b for b, _, lr in best if lr == edge})
         if at:
             notes.append(f"the best rate at B={', '.join(map(str, at))} is the {where} of the grid "
-                         f"({edge:g}), so S may be overstated there (left out of the fit; extend --lrs)")
+                         f"({edge:g}), so S may be overstated there (left out of the fit: extend --lrs)")
     kept = [(b, steps) for b, steps, lr in best if steps > eval_every(cfg, b) and lr not in edges]
     return kept, notes
 
@@ -174,7 +174,7 @@ def _summary(best, b_simples, cfg: CriticalConfig, seed: int, notes: List[str]) 
         side = f">{max(swept)}" if fit.c > max(swept) else f"<{min(swept)}"
         out["b_crit_bound"] = side
         notes.append(f"no B_crit: the steps do not bend within the usable batch sizes {min(swept)}–{max(swept)} "
-                     f"(B_crit {side.replace('>', 'above ').replace('<', 'below ')}); widen the sweep")
+                     f"(B_crit {side.replace('>', 'above ').replace('<', 'below ')}), so widen the sweep")
     else:
         out.update(s_min=fit.a, e_min=fit.a * fit.c, b_crit=fit.c, b_crit_interval=list(fit.interval), rms=fit.rms)
     out["reason"] = "; ".join(dict.fromkeys(notes)) or None

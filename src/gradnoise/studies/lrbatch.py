@@ -122,11 +122,11 @@ def _summary(rows, b_simple0: float, grid, seed: int, notes) -> dict:
     edge = [b for b, lr in best if lr >= max(grid)]
     if edge:
         notes.append(f"the largest rate of the grid was the best at B={', '.join(map(str, edge))} (left out of "
-                     "the fit); extend the grid upwards")
+                     "the fit), so extend the grid upwards")
     low = [b for b, lr in best if lr <= min(grid)]
     if low and len(grid) > 1:
         notes.append(f"the smallest rate of the grid was the best at B={', '.join(map(str, low))} (left out of "
-                     "the fit); extend the grid downwards")
+                     "the fit), so extend the grid downwards")
     usable = _inside(best, grid)
     out["points"] = len(usable)
     fit, why = _fit(usable, seed, "best rates")
