@@ -105,7 +105,8 @@ def _layer_panel(ax: Axes, s: NoiseSeries) -> None:
     for i, layer in enumerate(shown):
         color = COLORS[i % len(COLORS)]
         ax.plot(s.step, layer.b_simple, color=color, linewidth=1.1, label=layer.label, **_marks(s))
-        band(ax, s.step, *layer.band, ylim, color, alpha=0.10)
+        low, high = layer.band  # unbounded steps get no band: overlapping fills to the top said nothing
+        band(ax, s.step, low, np.where(np.isfinite(high), high, np.nan), ylim, color, alpha=0.10)
     if log:
         log_axis(ax, "y")
     ax.set_ylim(*ylim)
@@ -135,5 +136,6 @@ def noise_figure(series: NoiseSeries, name: str, what: str, loss: Optional[Loss]
            f"smoothed B_simple of the {len(series.plotted)} layers with the largest share of the noise, each "
            "with its 95 % interval as a faint band of its colour.")
     caption = ("Lines: smoothed values; faint points: single steps (non-positive raw values are "
-               "off the log scales); shading: 95 % intervals, unbounded ends clipped to the plot.")
+               "off the log scales); shading: 95 % intervals — unbounded ends clipped to the plot for the "
+               "total, left out for single layers (see the table).")
     return finish(fig, name, alt, caption)

@@ -122,6 +122,8 @@ class _Stage:
 
     first: float           # the first smoothed value with a bounded interval
     first_step: float
+    low: float             # the lowest such value, and its step
+    low_step: float
     last: float
     interval: Tuple[float, float]
     step: float
@@ -137,15 +139,27 @@ def _stage(inp: Input, header: Dict[str, Any], steps, anchor_id: str) -> Optiona
     ok = np.flatnonzero(np.isfinite(b))
     if not ok.size:
         return None
-    bounded = np.flatnonzero(np.isfinite(b) & np.isfinite(high))  # the first value worth quoting
+    bounded = np.flatnonzero(np.isfinite(b) & np.isfinite(high))  # values worth quoting
     i, j = int(bounded[0] if bounded.size else ok[0]), int(ok[-1])
+    k = int(bounded[np.argmin(b[bounded])]) if bounded.size else i  # the lowest, after an early transient
     sizes = [to_float(s.get("batch_size")) for s in steps]
     losses = [to_float(r.get("full_loss")) for r in inp.of_type("step")] if inp.format != RUN_FORMAT else []
     finite = [v for v in losses if math.isfinite(v)]
-    return _Stage(float(b[i]), float(series.step[i]), float(b[j]), domain_interval([low[j], high[j]]),
+    return _Stage(float(b[i]), float(series.step[i]), float(b[k]), float(series.step[k]), float(b[j]),
+                  domain_interval([low[j], high[j]]),
                   float(series.step[j]),
                   float(np.median([v for v in sizes if math.isfinite(v)] or [math.nan])),
                   finite[-1] if finite else math.nan, anchor_id)
+
+
+def _grew(st: _Stage) -> bool:
+    """The noise scale ends well above its lowest (bounded) value, reached before the end."""
+    return st.last > 1.5 * st.low and st.low_step < st.step
+
+
+def _fell(st: _Stage) -> bool:
+    """It ends well below where it started and never rose again."""
+    return not _grew(st) and st.last < st.first / 1.5
 
 
 def _determined(iv: Tuple[float, float]) -> bool:
@@ -234,9 +248,9 @@ def _task_verdict(f: _Facts) -> TaskVerdict:
         loss_txt = f", loss {fmt_num(stage.loss)}" if math.isfinite(stage.loss) else ""
         line = Line().add(f"The noise scale {where} (step {fmt_count(stage.step)}{loss_txt}) is B_simple ≈ ").add(
             fmt_num(stage.last), stage.anchor).add(f" ({_iv_text(stage.interval)})")
-        if stage.last > 1.5 * stage.first:
-            line.add(f", up from {fmt_num(stage.first)} at step {fmt_count(stage.first_step)}: it grows as the loss falls")
-        elif stage.last < stage.first / 1.5:
+        if _grew(stage):
+            line.add(f", up from {fmt_num(stage.low)} at step {fmt_count(stage.low_step)}: it grows as the loss falls")
+        elif _fell(stage):
             line.add(f", down from {fmt_num(stage.first)} at step {fmt_count(stage.first_step)}")
         if batch is not None:
             lo_c, hi_c = domain_interval(crit.get("b_crit_interval"))
@@ -354,10 +368,10 @@ def _next_step(stage: Optional[_Stage], batch: float, b_crit: float) -> Line:
     if not math.isfinite(stage.interval[1]):
         return Line().add(f"Next: batches up to at least ≈ {_round(batch)} still pay at this stage; the upper end "
                           f"needs more measured steps (a longer run; {monitor}).")
-    if stage.last > 1.5 * stage.first:
+    if _grew(stage):
         return Line().add(f"Next: train at batch ≈ {_round(batch)} at this stage; the noise scale grew along this "
                           f"run, so grow the batch with it; {monitor}.")
-    if stage.last < stage.first / 1.5:
+    if _fell(stage):
         return Line().add(f"Next: train at batch ≈ {_round(batch)}; the noise scale fell along this run, so a batch "
                           f"chosen from early steps is too large later; {monitor}.")
     return Line().add(f"Next: train at batch ≈ {_round(batch)}; past it a larger batch mostly costs examples; "
