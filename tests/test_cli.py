@@ -144,6 +144,10 @@ def test_a_failing_study_does_not_lose_the_others(tmp_path, capsys, monkeypatch)
     assert rc == 2 and len(err) == 2
     assert err[0].startswith("gradnoise: error: law on bn_task:") and "BatchNorm" in err[0]
     assert err[1].startswith("gradnoise: error: trajectory on bn_task:")
+    out = tmp_path / "o"  # nothing half-written is left where the report reads: all in failed/
+    assert not list(out.glob("*.jsonl")) and not list((out / ".partial").iterdir())
+    assert {p.name.split(".")[0] for p in (out / "failed").iterdir()} == {"law-bn_task", "trajectory-bn_task"}
+    assert list((out / "failed").glob("trajectory-bn_task.run.*.jsonl"))  # the run file went with its study
 
 
 def test_debug_after_the_subcommand(tmp_path):
@@ -187,3 +191,26 @@ def test_warnings_have_one_prefix(capsys):
     _show_warning(w.WarningMessage("gradnoise: this batch has NaN", RuntimeWarning, "f", 1).message,
                   RuntimeWarning, "f", 1)
     assert capsys.readouterr().err == "gradnoise: warning: this batch has NaN\n"
+
+
+def test_measure_a_users_task_with_layer_types_and_a_footer(capsys):
+    from gradnoise.cli import main
+
+    assert main(["measure", "--task", f"{ROOT / 'examples' / 'my_task.py'}:task", "--batch-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "one batch of 32 of 569 samples" in out and "0 (Linear)" in out and "2 (Linear)" in out
+    assert "layer (type): the module that owns the parameters" in out and "noise share:" in out
+    assert main(["measure", "--model", "mlp", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["layers"]
+    assert [r["layer"] for r in rows] == ["fc1 (Linear)", "fc2 (Linear)", "head (Linear)"]
+    assert main(["measure", "--task", f"{ROOT / 'examples' / 'my_task.py'}:task", "--batch-size", "5000"]) == 2
+    assert "larger than the task's 569 samples" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from gradnoise import __version__
+    from gradnoise.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"gradnoise {__version__}"

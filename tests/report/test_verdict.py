@@ -142,3 +142,23 @@ def test_failures_make_the_page_say_it_is_incomplete(studies, tmp_path):
     assert "This run is incomplete" in visible and "lr-batch on digits-mlp: boom" in visible
     assert verdict_lines(files, ["lr-batch on digits-mlp: boom"])[-1] == \
         "  not in this verdict: lr-batch on digits-mlp: boom"
+
+
+def test_the_next_step_follows_what_the_noise_scale_did(tmp_path):
+    """Rose from its low: grow the batch; fell and never rose: a batch chosen early is too
+    large later; flat: past it a larger batch mostly costs examples; B_crit without a run:
+    measure it later in training too."""
+    def next_line(values):
+        path = tmp_path / f"r{len(list(tmp_path.iterdir()))}.jsonl"
+        _run_file(path, values)
+        return verdict_lines([path])[-1]
+
+    nan = float("nan")
+    rose = [(0, 50.0, (nan, nan)), (10, 20.0, (10.0, 40.0)), (20, 60.0, (40.0, 90.0))]
+    fell = [(0, 50.0, (nan, nan)), (10, 200.0, (100.0, 400.0)), (20, 60.0, (40.0, 90.0))]
+    flat = [(0, 50.0, (nan, nan)), (10, 60.0, (40.0, 90.0)), (20, 62.0, (41.0, 92.0))]
+    assert "grew along this run, so grow the batch with it" in next_line(rose)
+    assert "fell along this run, so a batch chosen from early steps is too large later" in next_line(fell)
+    assert "past it a larger batch mostly costs examples" in next_line(flat)
+    crit = _critical(tmp_path / "c")
+    assert "measure it later in training too" in verdict_lines([crit])[-1]
