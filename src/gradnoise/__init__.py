@@ -1,6 +1,7 @@
 """gradnoise: measure, explain and control the variance of mini-batch gradients."""
 from . import stats
 from . import capture
+from . import optim
 from .capture import Capture
 from .errors import (
     CaptureStateError,
@@ -33,5 +34,6 @@ __all__ = [
     "SampleMixingError",
     "UnsupportedUseError",
     "capture",
+    "optim",
     "stats",
 ]
