@@ -87,6 +87,7 @@ class _Facts:
     trajectory: Optional[Input] = None
     critical: Optional[Input] = None
     lr_batch: Optional[Input] = None
+    escape: Optional[Input] = None
     run: Optional[Input] = None        # a run file given on its own
     run_anchor: Optional[str] = None
 
@@ -105,7 +106,7 @@ def _group(inputs: Sequence[Input], stems: Sequence[str]) -> List[_Facts]:
             continue
         task = fmt_text(inp.header.get("task"))
         attr = {"law": "law", "trajectory": "trajectory", "critical-batch": "critical",
-                "lr-batch": "lr_batch"}.get(inp.study)
+                "lr-batch": "lr_batch", "escape": "escape"}.get(inp.study)
         if attr is None:
             continue
         facts = by_task.get(task)
@@ -284,6 +285,8 @@ def _task_verdict(f: _Facts) -> TaskVerdict:
                                 ": the sampling of this task does not match the estimator's premises; check it "
                                 "before trusting the numbers above."))
 
+    if f.escape is not None:
+        because.append(_escape_line(_summary(f.escape), anchor("escape", f.task)))
     if batch is None:
         return TaskVerdict(f.task, Line().add("No batch-size answer: these data cannot support one."),
                            because, _what_to_run(f, crit, stage), False)
@@ -295,6 +298,24 @@ def _task_verdict(f: _Facts) -> TaskVerdict:
              else " at the stage this run reached")
     head.add(" (the upper end is not determined from these steps)." if lower_bound else ".")
     return TaskVerdict(f.task, head, because, _next_step(stage, batch, b_crit), True)
+
+
+def _escape_line(s: Dict[str, Any], a: str) -> Line:
+    """What the escape study showed: SGD noise against isotropic noise, and the sharpness
+    and generalisation of small- against large-batch solutions."""
+    more = s.get("sgd_escapes_more_at") or []
+    line = Line().add("Noise and sharp minima: ")
+    line.add(f"SGD's noise left a sharp well more often than isotropic noise of the same size at B = "
+             f"{', '.join(map(str, more))}" if more else "SGD's and isotropic noise escaped a sharp well alike", a)
+    small, large = (s.get(k) or {} for k in ("small", "large"))
+    e_s, e_l = ((p.get("top_eigenvalue") or {}).get("mean") for p in (small, large))
+    g_s, g_l = ((p.get("gap") or {}).get("mean") for p in (small, large))
+    if e_s is not None and e_l is not None:
+        line.add(f"; the B={s.get('large_batch')} solutions were ×{fmt_num(e_l / e_s, 2)} as sharp as the "
+                 f"B={s.get('small_batch')} ones (λ_max {fmt_num(e_l)} against {fmt_num(e_s)})")
+        if g_s is not None and g_l is not None:
+            line.add(f", with train−test accuracy gaps of {fmt_num(g_l, 2)} and {fmt_num(g_s, 2)}")
+    return line.add(".")
 
 
 def _lr_lines(f: _Facts, lrb: Dict[str, Any], lr_a: str, batch: Optional[float], stage: Optional[_Stage]):
@@ -396,7 +417,7 @@ def _what_to_run(f: _Facts, crit: Dict[str, Any], stage: Optional[_Stage]) -> Li
 def verdicts(inputs: Sequence[Input], stems: Sequence[str]) -> List[TaskVerdict]:
     """One :class:`TaskVerdict` per task (and per run file given on its own) that has a
     study able to answer (trajectory, critical-batch, lr-batch or a run file)."""
-    groups = [g for g in _group(inputs, stems) if g.trajectory or g.critical or g.lr_batch or g.run]
+    groups = [g for g in _group(inputs, stems) if g.trajectory or g.critical or g.lr_batch or g.run or g.escape]
     return [_task_verdict(g) for g in groups]
 
 

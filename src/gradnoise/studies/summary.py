@@ -39,6 +39,20 @@ def lr_batch_line(s: dict) -> str:
             f"{fmt_num(s.get('b_simple'))}" + _reason(s.get("reason")))
 
 
+def escape_line(s: dict) -> str:
+    more = s.get("sgd_escapes_more_at") or []
+    walk = (f"SGD noise left a sharp well more often than isotropic noise of the same size at B={','.join(map(str, more))}"
+            if more else "SGD and isotropic noise of the same size escaped alike")
+    small, large = s.get("small") or {}, s.get("large") or {}
+
+    def eig(part):
+        e = part.get("top_eigenvalue") or {}
+        return fmt_with_interval(e.get("mean"), e.get("interval"))
+
+    return (f"{walk}; λ_max of B={s.get('small_batch')} vs B={s.get('large_batch')} solutions: {eig(small)} vs "
+            f"{eig(large)}" + _reason(s.get("reason")))
+
+
 def recommend_line(s: dict) -> str:
     rules = "; ".join(f"B={r['to_batch']}: ×{fmt_num(r['linear'])}/×{fmt_num(r['sqrt'])}/×{fmt_num(r['adascale'])}"
                       for r in s.get("rules", [])[:4])
