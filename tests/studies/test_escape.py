@@ -111,6 +111,18 @@ def test_the_study_writes_walks_solutions_and_a_summary(tmp_path):
     reached = [s for s in sols if s["reached"] and s["batch_size"] == summary["small_batch"]]
     assert summary["small"]["top_eigenvalue"]["n"] == len(reached)
     assert summary["walk"][0][0] == 1 and len(summary["walk"]) == len(cfg.walk_batch_sizes)
+    # its report section and verdict line
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "report"))
+    from test_report_build import check_page
+
+    from gradnoise.report import build_report, verdict_lines
+    page = check_page(build_report([tmp_path / "escape-digits-mlp.jsonl"], tmp_path / "rep"))
+    visible = " ".join(page.visible)
+    assert "Escape: noise and sharp minima" in visible and "top eigenvalue λ_max" in visible
+    assert len(page.images) == 1
+    assert any("Noise and sharp minima" in line for line in verdict_lines([tmp_path / "escape-digits-mlp.jsonl"]))
 
 
 def test_runs_that_miss_the_training_loss_are_left_out(tmp_path):

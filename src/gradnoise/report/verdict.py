@@ -88,6 +88,7 @@ class _Facts:
     critical: Optional[Input] = None
     lr_batch: Optional[Input] = None
     escape: Optional[Input] = None
+    optimizers: Optional[Input] = None
     run: Optional[Input] = None        # a run file given on its own
     run_anchor: Optional[str] = None
 
@@ -106,7 +107,7 @@ def _group(inputs: Sequence[Input], stems: Sequence[str]) -> List[_Facts]:
             continue
         task = fmt_text(inp.header.get("task"))
         attr = {"law": "law", "trajectory": "trajectory", "critical-batch": "critical",
-                "lr-batch": "lr_batch", "escape": "escape"}.get(inp.study)
+                "lr-batch": "lr_batch", "escape": "escape", "optimizers": "optimizers"}.get(inp.study)
         if attr is None:
             continue
         facts = by_task.get(task)
@@ -285,6 +286,8 @@ def _task_verdict(f: _Facts) -> TaskVerdict:
                                 ": the sampling of this task does not match the estimator's premises; check it "
                                 "before trusting the numbers above."))
 
+    if f.optimizers is not None:
+        because.append(_optimizers_line(_summary(f.optimizers), anchor("optimizers", f.task)))
     if f.escape is not None:
         because.append(_escape_line(_summary(f.escape), anchor("escape", f.task)))
     if batch is None:
@@ -298,6 +301,23 @@ def _task_verdict(f: _Facts) -> TaskVerdict:
              else " at the stage this run reached")
     head.add(" (the upper end is not determined from these steps)." if lower_bound else ".")
     return TaskVerdict(f.task, head, because, _next_step(stage, batch, b_crit), True)
+
+
+def _optimizers_line(s: Dict[str, Any], a: str) -> Line:
+    """The optimizers whose updates were least and most noisy, and the lowest final loss."""
+    opts = {k: v for k, v in (s.get("optimizers") or {}).items() if v.get("median_ratio") is not None}
+    if not opts:
+        return Line().add("Optimizers: no update noise could be measured.", a)
+    quiet = min(opts, key=lambda k: opts[k]["median_ratio"])
+    loud = max(opts, key=lambda k: opts[k]["median_ratio"])
+    best = min(opts, key=lambda k: opts[k]["final_loss"] if opts[k]["final_loss"] is not None else math.inf)
+    line = Line().add(f"Optimizers at batch {s.get('batch_size')}: the update of ")
+    line.add(f"{quiet} was the least noisy (noise-to-signal {fmt_num(opts[quiet]['median_ratio'])}) and {loud}'s "
+             f"the most ({fmt_num(opts[loud]['median_ratio'])})", a)
+    sgd = opts.get("SGD", {}).get("median_ratio")
+    if sgd is not None:
+        line.add(f", SGD's {fmt_num(sgd)}")
+    return line.add(f"; {best} reached the lowest loss ({fmt_num(opts[best]['final_loss'])}).")
 
 
 def _escape_line(s: Dict[str, Any], a: str) -> Line:
@@ -417,7 +437,8 @@ def _what_to_run(f: _Facts, crit: Dict[str, Any], stage: Optional[_Stage]) -> Li
 def verdicts(inputs: Sequence[Input], stems: Sequence[str]) -> List[TaskVerdict]:
     """One :class:`TaskVerdict` per task (and per run file given on its own) that has a
     study able to answer (trajectory, critical-batch, lr-batch or a run file)."""
-    groups = [g for g in _group(inputs, stems) if g.trajectory or g.critical or g.lr_batch or g.run or g.escape]
+    groups = [g for g in _group(inputs, stems)
+              if g.trajectory or g.critical or g.lr_batch or g.run or g.escape or g.optimizers]
     return [_task_verdict(g) for g in groups]
 
 

@@ -15,8 +15,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 from ..report.escape_section import escape_section
 from ..report.noise_sections import trajectory_section
+from ..report.optimizers_section import optimizers_section
 from ..report.sections import critical_section, law_section, lr_batch_section, recommend_section
-from . import critical, escape, law, lrbatch, recommend, summary, trajectory
+from . import critical, escape, law, lrbatch, optimizers, recommend, summary, trajectory
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ STUDIES: Tuple[Study, ...] = (
     Study("critical-batch", critical.run, critical.CriticalConfig, summary.critical_line, critical_section,
           sweep=True),
     Study("lr-batch", lrbatch.run, lrbatch.LrBatchConfig, summary.lr_batch_line, lr_batch_section, sweep=True),
+    Study("optimizers", optimizers.run, optimizers.OptimizersConfig, summary.optimizers_line, optimizers_section,
+          sweep=True),
     Study("escape", escape.run, escape.EscapeConfig, summary.escape_line, escape_section, sweep=True),
     Study("recommend", recommend.run, None, summary.recommend_line, recommend_section, reads_runs=True),
 )

@@ -39,6 +39,12 @@ def lr_batch_line(s: dict) -> str:
             f"{fmt_num(s.get('b_simple'))}" + _reason(s.get("reason")))
 
 
+def optimizers_line(s: dict) -> str:
+    opts = s.get("optimizers") or {}
+    parts = [f"{name} {fmt_num(o.get('final_loss'))} ({fmt_num(o.get('median_ratio'))})" for name, o in opts.items()]
+    return f"B={s.get('batch_size')}: final loss (update noise-to-signal) " + ", ".join(parts)
+
+
 def escape_line(s: dict) -> str:
     more = s.get("sgd_escapes_more_at") or []
     walk = (f"SGD noise left a sharp well more often than isotropic noise of the same size at B={','.join(map(str, more))}"
