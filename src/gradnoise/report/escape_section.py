@@ -91,7 +91,8 @@ def _part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
     for name in ("small", "large"):
         part = summary.get(name) or {}
         rows.append((f"{name}, B={fmt_count(summary.get(f'{name}_batch'))}",
-                     *(fmt_with_interval((part.get(k) or {}).get("mean"), (part.get(k) or {}).get("interval"))
+                     *(fmt_with_interval((part.get(k) or {}).get("mean"), (part.get(k) or {}).get("interval"),
+                                         signed=k == "gap")
                        for k in ("top_eigenvalue", "hessian_trace", "gap", "test_accuracy")),
                      fmt_count((part.get("top_eigenvalue") or {}).get("n"))))
     table = h.table(("solution", "top eigenvalue λ_max", "Hessian trace", "train − test accuracy",

@@ -67,11 +67,13 @@ def domain_interval(v: Any) -> Tuple[float, float]:
     return (max(low, 0.0) if not math.isnan(low) else low), (max(high, 0.0) if not math.isnan(high) else high)
 
 
-def fmt_interval(v: Any, digits: int = 3) -> str:
+def fmt_interval(v: Any, digits: int = 3, signed: bool = False) -> str:
     """A file interval of a quantity ≥ 0, for people: ``"[8.1, 20.4]"``; ``"≥ 66"`` when
     only the lower end is bounded; :data:`UNDETERMINED` when neither is; ``"—"`` when
-    undefined."""
-    low, high = domain_interval(v)
+    undefined. ``signed``: a quantity that may be negative (a difference), not clipped."""
+    low, high = interval(v) if signed else domain_interval(v)
+    if signed and not (math.isnan(low) or math.isnan(high)):
+        return f"[{fmt_num(low, digits)}, {fmt_num(high, digits)}]"
     if math.isnan(low) or math.isnan(high):
         return DASH
     if math.isinf(high):
@@ -79,12 +81,12 @@ def fmt_interval(v: Any, digits: int = 3) -> str:
     return f"[{fmt_num(low, digits)}, {fmt_num(high, digits)}]"
 
 
-def fmt_with_interval(value: Any, iv: Any, digits: int = 3) -> str:
+def fmt_with_interval(value: Any, iv: Any, digits: int = 3, signed: bool = False) -> str:
     """``"12.3 [8.1, 20.4]"``, ``"84.2 (95 % interval ≥ 66)"``, ``"84.2 (interval not
     determined from these steps)"``; the value alone when the interval is undefined, and
     ``"—"`` when the value is."""
     text = fmt_num(value, digits)
-    band = fmt_interval(iv, digits)
+    band = fmt_interval(iv, digits, signed)
     if text == DASH or band == DASH:
         return text
     if band.startswith("["):

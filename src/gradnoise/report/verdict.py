@@ -89,6 +89,7 @@ class _Facts:
     lr_batch: Optional[Input] = None
     escape: Optional[Input] = None
     optimizers: Optional[Input] = None
+    adaptive: Optional[Input] = None
     run: Optional[Input] = None        # a run file given on its own
     run_anchor: Optional[str] = None
 
@@ -107,7 +108,8 @@ def _group(inputs: Sequence[Input], stems: Sequence[str]) -> List[_Facts]:
             continue
         task = fmt_text(inp.header.get("task"))
         attr = {"law": "law", "trajectory": "trajectory", "critical-batch": "critical",
-                "lr-batch": "lr_batch", "escape": "escape", "optimizers": "optimizers"}.get(inp.study)
+                "lr-batch": "lr_batch", "escape": "escape", "optimizers": "optimizers",
+                "adaptive": "adaptive"}.get(inp.study)
         if attr is None:
             continue
         facts = by_task.get(task)
@@ -286,6 +288,8 @@ def _task_verdict(f: _Facts) -> TaskVerdict:
                                 ": the sampling of this task does not match the estimator's premises; check it "
                                 "before trusting the numbers above."))
 
+    if f.adaptive is not None:
+        because.append(_adaptive_line(_summary(f.adaptive), anchor("adaptive", f.task)))
     if f.optimizers is not None:
         because.append(_optimizers_line(_summary(f.optimizers), anchor("optimizers", f.task)))
     if f.escape is not None:
@@ -301,6 +305,27 @@ def _task_verdict(f: _Facts) -> TaskVerdict:
              else " at the stage this run reached")
     head.add(" (the upper end is not determined from these steps)." if lower_bound else ".")
     return TaskVerdict(f.task, head, because, _next_step(stage, batch, b_crit), True)
+
+
+def _adaptive_line(s: Dict[str, Any], a: str) -> Line:
+    """Steps and examples of AdaScale and the noise-driven batch against the fixed small batch."""
+    methods = s.get("methods") or {}
+    base = methods.get("fixed small") or {}
+    b_steps, b_ex = ((base.get(k) or {}).get("mean") for k in ("steps", "examples"))
+    line = Line().add(f"Acting on the noise, to the loss {fmt_num(s.get('target_loss'))} from batch "
+                      f"{s.get('base_batch')}: ")
+    parts = []
+    for name in ("AdaScale", "adaptive batch", "Adam + AdaScale (√ gain)"):
+        m = methods.get(name) or {}
+        steps, ex = ((m.get(k) or {}).get("mean") for k in ("steps", "examples"))
+        if steps is None or not b_steps:
+            if m:
+                parts.append(f"{name} reached it in {m.get('reached')} of {m.get('runs')} seeds")
+            continue
+        parts.append(f"{name} took ×{fmt_num(steps / b_steps, 2)} the steps and ×{fmt_num(ex / b_ex, 2)} the "
+                     "examples of the fixed small batch")
+    line.add("; ".join(parts) if parts else "no method reached it", a)
+    return line.add(" (fewer steps pay where steps are the cost, as with many devices in parallel).")
 
 
 def _optimizers_line(s: Dict[str, Any], a: str) -> Line:
@@ -438,7 +463,7 @@ def verdicts(inputs: Sequence[Input], stems: Sequence[str]) -> List[TaskVerdict]
     """One :class:`TaskVerdict` per task (and per run file given on its own) that has a
     study able to answer (trajectory, critical-batch, lr-batch or a run file)."""
     groups = [g for g in _group(inputs, stems)
-              if g.trajectory or g.critical or g.lr_batch or g.run or g.escape or g.optimizers]
+              if g.trajectory or g.critical or g.lr_batch or g.run or g.escape or g.optimizers or g.adaptive]
     return [_task_verdict(g) for g in groups]
 
 

@@ -22,13 +22,13 @@ top eigenvalue tracks ``2/ε`` (Cohen et al. 2021, the edge of stability).
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
+from ..stats.intervals import mean_interval
 from .landscape import Landscape, walk, wilson
 from .output import StudyWriter, num
 from .progress import bar
@@ -125,20 +125,6 @@ def _split(task: Task, cfg: EscapeConfig, seed: int):
     return replace(task, x=task.x[train], y=task.y[train]), replace(task, x=task.x[test], y=task.y[test])
 
 
-def mean_interval(values: List[float]) -> Dict[str, Any]:
-    """Mean and a 95 % t-interval over seeds (``[nan, nan]`` below two values)."""
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return {"mean": None, "interval": [math.nan, math.nan], "n": 0}
-    m = statistics.fmean(vals)
-    if len(vals) < 2:
-        return {"mean": m, "interval": [math.nan, math.nan], "n": 1}
-    from scipy.stats import t
-
-    half = float(t.ppf(0.975, len(vals) - 1)) * statistics.stdev(vals) / math.sqrt(len(vals))
-    return {"mean": m, "interval": [m - half, m + half], "n": len(vals)}
-
-
 def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = False,
         config: EscapeConfig = None) -> dict:
     """Run the study; writes ``escape-<task>.jsonl``; returns the summary."""
@@ -175,7 +161,7 @@ def _summary(walks: List[Dict[str, Any]], solutions: List[Dict[str, Any]], sizes
     }
     for name, b in (("small", sizes[0]), ("large", sizes[-1])):
         mine = [s for s in solutions if s["batch_size"] == b and s["reached"]]  # solutions only
-        out[name] = {key: mean_interval([s[key] for s in mine])
+        out[name] = {key: mean_interval([s[key] for s in mine], lower=None if key == "gap" else 0.0)
                      for key in ("top_eigenvalue", "hessian_trace", "gap", "train_loss", "test_accuracy")}
     small, large = out["small"]["top_eigenvalue"]["mean"], out["large"]["top_eigenvalue"]["mean"]
     out["sharpness_ratio"] = large / small if small and large is not None and small > 0 else None

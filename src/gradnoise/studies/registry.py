@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
+from ..report.adaptive_section import adaptive_section
 from ..report.escape_section import escape_section
 from ..report.noise_sections import trajectory_section
 from ..report.optimizers_section import optimizers_section
 from ..report.sections import critical_section, law_section, lr_batch_section, recommend_section
-from . import critical, escape, law, lrbatch, optimizers, recommend, summary, trajectory
+from . import adaptive, critical, escape, law, lrbatch, optimizers, recommend, summary, trajectory
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ STUDIES: Tuple[Study, ...] = (
     Study("lr-batch", lrbatch.run, lrbatch.LrBatchConfig, summary.lr_batch_line, lr_batch_section, sweep=True),
     Study("optimizers", optimizers.run, optimizers.OptimizersConfig, summary.optimizers_line, optimizers_section,
           sweep=True),
+    Study("adaptive", adaptive.run, adaptive.AdaptiveConfig, summary.adaptive_line, adaptive_section, sweep=True),
     Study("escape", escape.run, escape.EscapeConfig, summary.escape_line, escape_section, sweep=True),
     Study("recommend", recommend.run, None, summary.recommend_line, recommend_section, reads_runs=True),
 )

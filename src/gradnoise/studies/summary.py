@@ -45,6 +45,14 @@ def optimizers_line(s: dict) -> str:
     return f"B={s.get('batch_size')}: final loss (update noise-to-signal) " + ", ".join(parts)
 
 
+def adaptive_line(s: dict) -> str:
+    parts = []
+    for name, m in (s.get("methods") or {}).items():
+        steps = (m.get("steps") or {}).get("mean")
+        parts.append(f"{name} {fmt_num(steps)} ({m.get('reached')}/{m.get('runs')})")
+    return f"steps to loss {fmt_num(s.get('target_loss'))} (runs that reached it): " + ", ".join(parts)
+
+
 def escape_line(s: dict) -> str:
     more = s.get("sgd_escapes_more_at") or []
     walk = (f"SGD noise left a sharp well more often than isotropic noise of the same size at B={','.join(map(str, more))}"
