@@ -369,3 +369,78 @@ def test_adam_sqrt_large_tensor_reads_a_subset_close_to_the_full_mean():
             assert ada.gain[0] == pytest.approx(want, rel=0.02)
         opt.zero_grad()
     mon.close()
+
+
+# ---------------------------------------------------------------- DDP source, 2 processes
+def _ddp_adascale_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Each rank trains a DDP-wrapped linear model with AdaScale reading a
+    ``source="ddp"`` monitor (ranks as the groups): both ranks must set the same gain."""
+    import datetime
+    import json
+    import os
+    import traceback
+    import types
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    out = {}
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(nn.Linear(4, 1))
+        monitor = gradnoise.NoiseMonitor(model, source="ddp")
+        params = list(model.parameters())
+
+        def sgd_step():
+            with torch.no_grad():
+                for p in params:
+                    p -= opt.param_groups[0]["lr"] * p.grad
+
+        opt = types.SimpleNamespace(param_groups=[{"params": params, "lr": 0.05}], step=sgd_step, state={})
+        ada = AdaScale(opt, monitor, base_batch_size=8, batch_size=32)  # 16 samples per rank
+        g = torch.Generator().manual_seed(rank)
+        gains, lrs = [], []
+        for _ in range(6):
+            x = torch.randn(16, 4, generator=g)
+            y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + torch.randn(16, generator=g)
+            torch.nn.functional.mse_loss(model(x).squeeze(1), y).backward()
+            rec = monitor.step()
+            ada.step()
+            for p in params:
+                p.grad = None
+            gains.append(ada.gain[0])
+            lrs.append(opt.param_groups[0]["lr"])
+        s = rec.smoothed
+        out = {"gains": gains, "lrs": lrs, "trace": s.trace_cov, "grad": s.grad_sq_norm}
+        monitor.close()
+    except Exception:
+        out = {"error": traceback.format_exc()}
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(out, fh)
+        dist.destroy_process_group()
+
+
+def test_ddp_source_both_ranks_set_the_same_gain(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_ddp_adascale_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    try:
+        ctx.join(timeout=120)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, res in enumerate(ranks):
+        assert "error" not in res, f"rank {r}:\n{res.get('error')}"
+    assert ranks[0]["gains"] == ranks[1]["gains"] and ranks[0]["lrs"] == ranks[1]["lrs"]
+    t, g = max(ranks[0]["trace"], 0.0), max(ranks[0]["grad"], 0.0)
+    expected = min(max((t / 8 + g) / (t / 32 + g), 1.0), 4.0)
+    assert ranks[0]["gains"][-1] == pytest.approx(expected, rel=1e-9)
+    assert 1.0 <= min(ranks[0]["gains"]) and max(ranks[0]["gains"]) <= 4.0
