@@ -325,7 +325,7 @@ def test_adam_sqrt_gain_matches_direct_computation(amsgrad):
     model = two_layer(4)
     mon = gradnoise.NoiseMonitor(model, source="per_sample")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, amsgrad=amsgrad)
-    ada = AdaScale(opt, mon, base_batch_size=4, batch_size=32, mode="adam-sqrt")
+    ada = AdaScale(opt, mon, base_batch_size=4, batch_size=32, mode="adam-sqrt", precond_every=1)
     g = torch.Generator().manual_seed(6)
     total = 0.0
     for i in range(4):
@@ -352,7 +352,7 @@ def test_adam_sqrt_large_tensor_reads_a_subset_close_to_the_full_mean():
     model = nn.Linear(80, 64).to(F64)
     mon = gradnoise.NoiseMonitor(model, source="per_sample")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ada = AdaScale(opt, mon, base_batch_size=2, batch_size=16, mode="adam-sqrt")
+    ada = AdaScale(opt, mon, base_batch_size=2, batch_size=16, mode="adam-sqrt", precond_every=1)
     g = torch.Generator().manual_seed(8)
     for i in range(3):
         x, y = torch.randn(16, 80, generator=g, dtype=F64), torch.randint(0, 64, (16,), generator=g)
@@ -444,3 +444,24 @@ def test_ddp_source_both_ranks_set_the_same_gain(tmp_path):
     expected = min(max((t / 8 + g) / (t / 32 + g), 1.0), 4.0)
     assert ranks[0]["gains"][-1] == pytest.approx(expected, rel=1e-9)
     assert 1.0 <= min(ranks[0]["gains"]) and max(ranks[0]["gains"]) <= 4.0
+
+
+def test_adam_sqrt_rereads_the_second_moments_every_precond_every_records():
+    model = two_layer(4)
+    mon = gradnoise.NoiseMonitor(model, source="per_sample")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ada = AdaScale(opt, mon, base_batch_size=4, batch_size=32, mode="adam-sqrt", precond_every=3)
+    g = torch.Generator().manual_seed(9)
+    seen = []
+    for _ in range(8):
+        x, y = torch.randn(32, 3, generator=g, dtype=F64), torch.randint(0, 2, (32,), generator=g)
+        F.cross_entropy(model(x), y).backward()
+        mon.step()
+        ada.step()
+        seen.append(id(ada._weights))
+        opt.zero_grad()
+    mon.close()
+    # step 0 has no Adam state (plain gain), then a read at step 1, kept for 3 records, …
+    assert seen[1] == seen[2] == seen[3] and seen[4] != seen[3] and seen[4] == seen[5] == seen[6] != seen[7]
+    with pytest.raises(ValueError, match="precond_every"):
+        AdaScale(opt, mon, base_batch_size=4, mode="adam-sqrt", precond_every=0)

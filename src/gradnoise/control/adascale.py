@@ -135,6 +135,9 @@ class AdaScale:
             batch would use after τ steps (default: constant 1).
         mode: ``"sgd"`` (the paper) or ``"adam-sqrt"`` (preconditioned gain, ``√r``;
             an approximation, see the module docstring).
+        precond_every: ``"adam-sqrt"``: Adam's second moments are re-read every this many
+            new records (they move on a time scale of ``1/(1 − β₂)`` steps; reading them
+            is most of the variant's cost).
 
     Attributes:
         progress: τ, the scale-invariant step count (base-batch steps' worth).
@@ -148,7 +151,10 @@ class AdaScale:
 
     def __init__(self, optimizer: torch.optim.Optimizer, monitor, base_batch_size: float,
                  batch_size: BatchSize = None, lr_schedule: Optional[Callable[[float], float]] = None,
-                 mode: str = "sgd"):
+                 mode: str = "sgd", precond_every: int = 10):
+        if not (isinstance(precond_every, int) and precond_every >= 1):
+            raise ValueError(f"precond_every must be an int >= 1, got {precond_every!r}")
+        self.precond_every = precond_every
         if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "step")):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not (isinstance(getattr(monitor, "model", None), nn.Module) and hasattr(monitor, "last")):
@@ -170,6 +176,8 @@ class AdaScale:
         self._valid_model = 1.0
         self._cache_rec, self._cache = None, None
         self._subsets: Dict[nn.Parameter, torch.Tensor] = {}
+        self._weights: Optional[Dict[nn.Parameter, float]] = None
+        self._weights_age = 0
         self._sync_groups()
         self.progress, self.steps = 0.0, 0
         self.gain, self.model_gain, self.scale = list(self._valid), 1.0, math.nan
@@ -264,9 +272,19 @@ class AdaScale:
         if rec is None:
             return [_NAN2] * len(self._pairs), _NAN2
         if rec is not self._cache_rec or len(self._cache[0]) != len(self._pairs):
-            weights = self._preconditioner() or None if self.mode == "adam-sqrt" else None
+            weights = self._adam_weights() if self.mode == "adam-sqrt" else None
             self._cache_rec, self._cache = rec, self._weighted(rec.smoothed.by_param, weights)
         return self._cache
+
+    def _adam_weights(self) -> Optional[Dict[nn.Parameter, float]]:
+        """The preconditioner's per-tensor weights, re-read from Adam's state every
+        ``precond_every`` new records (``v̂`` moves on a time scale of ``1/(1 − β₂)``
+        steps, 1,000 at the default β₂; reading it costs ~15 µs per tensor) and while
+        there is none yet."""
+        if self._weights is None or self._weights_age >= self.precond_every:
+            self._weights, self._weights_age = self._preconditioner() or None, 0
+        self._weights_age += 1
+        return self._weights
 
     def _weighted(self, by_param, weights: Optional[Dict[nn.Parameter, float]]) -> Tuple[List[Sums], Sums]:
         groups, T, G, n = [], 0.0, 0.0, 0
