@@ -214,3 +214,16 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"gradnoise {__version__}"
+
+
+def test_options_reach_every_study_with_a_field_of_that_name():
+    from gradnoise.studies import registry
+    from gradnoise.studies.runner import Overrides
+
+    o = Overrides(lr=0.3, target_loss=0.5, batch_sizes=[8, 64])
+    cfg = {s.name: o.config(s, "default") for s in registry.STUDIES}
+    assert cfg["critical-batch"].target_loss == cfg["adaptive"].target_loss == 0.5
+    assert cfg["law"].lr == cfg["trajectory"].lr == 0.3
+    assert cfg["escape"].solution_lr == 0.4 and cfg["optimizers"].sgd_lr == 0.1  # other fields: untouched
+    assert cfg["lr-batch"].batch_sizes == cfg["critical-batch"].batch_sizes == [8, 64]
+    assert cfg["recommend"] is None

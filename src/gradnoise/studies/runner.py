@@ -31,7 +31,7 @@ class Overrides:
     lr: Optional[float] = None                   # law, trajectory
     lrs: Optional[List[float]] = None            # critical-batch, lr-batch
     batch_sizes: Optional[List[int]] = None      # critical-batch, lr-batch
-    target_loss: Optional[float] = None          # critical-batch
+    target_loss: Optional[float] = None          # critical-batch, adaptive
 
     def config(self, study: registry.Study, size: str):
         if study.config is None:
