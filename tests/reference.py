@@ -292,3 +292,34 @@ def weighted_group_noise_stats(
         n: _weighted_group_stats(g.flatten(1).double(), group_sizes, weights) for n, g in grads.items()
     }
     return RefNoise(_weighted_group_stats(_flat(grads), group_sizes, weights), by_param)
+
+
+def client_population_stats(
+    client_grads: Sequence[Tensor], weights: Optional[Sequence[float]] = None
+) -> Dict[str, float]:
+    """Exact within/between split of finite clients' per-sample gradients (DESIGN.md §1).
+
+    Client ``k`` holds the rows of ``client_grads[k]`` (``[N_k, D]``); the pooled data is
+    the mixture that picks client ``k`` with probability ``w_k`` (default ``N_k/ΣN``) and
+    then one of its rows uniformly. Every term is written from its definition, with
+    population covariances (divisor ``N_k``)::
+
+        ∇F_k = mean of client k's rows,   ∇f = Σ_k w_k ∇F_k
+        within  = Σ_k w_k (1/N_k) Σ_i ||g_ki − ∇F_k||²
+        between = Σ_k w_k ||∇F_k − ∇f||²
+        total   = Σ_k w_k (1/N_k) Σ_i ||g_ki − ∇f||²        (no law of total variance used)
+        B²      = Σ_k w_k ||∇F_k||² / ||∇f||²
+
+    Returns ``{"within", "between", "total", "grad_sq_norm", "dissimilarity_sq"}``.
+    """
+    gs = [g.double().flatten(1) for g in client_grads]
+    sizes = [g.shape[0] for g in gs]
+    w = [s / sum(sizes) for s in sizes] if weights is None else [float(x) for x in weights]
+    means = [g.mean(0) for g in gs]
+    F = sum(wk * m for wk, m in zip(w, means))
+    within = math.fsum(wk * float((g - m).pow(2).sum(1).mean()) for wk, g, m in zip(w, gs, means))
+    between = math.fsum(wk * float((m - F).pow(2).sum()) for wk, m in zip(w, means))
+    total = math.fsum(wk * float((g - F).pow(2).sum(1).mean()) for wk, g in zip(w, gs))
+    g2 = float(F.pow(2).sum())
+    B2 = math.fsum(wk * float(m.pow(2).sum()) for wk, m in zip(w, means)) / g2
+    return {"within": within, "between": between, "total": total, "grad_sq_norm": g2, "dissimilarity_sq": B2}

@@ -1,6 +1,8 @@
 """Pure maths on tensors and floats: the gradient-noise estimators and their smoothing
 (no modules, no I/O)."""
 from . import smoothing
+from .clients import FLAG_CLIENT_TOO_SMALL, FLAG_SINGLE_CLIENT, ClientMoments, ClientNoise, client_moments
+from .clients import decompose as decompose_clients
 from .noise import (
     FLAG_NON_FINITE,
     FLAG_NONPOSITIVE,
@@ -16,6 +18,12 @@ from .noise import (
 
 __all__ = [
     "smoothing",
+    "FLAG_CLIENT_TOO_SMALL",
+    "FLAG_SINGLE_CLIENT",
+    "ClientMoments",
+    "ClientNoise",
+    "client_moments",
+    "decompose_clients",
     "FLAG_NON_FINITE",
     "FLAG_NONPOSITIVE",
     "FLAG_SINGLE_GROUP",
