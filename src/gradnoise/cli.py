@@ -93,12 +93,18 @@ def _positive(text: str) -> float:
     return vals[0]
 
 
-def _count(text: str) -> int:
-    """A whole number ≥ 2 (a batch size: B = 1 has no sample variance)."""
-    vals = _ints(text)
-    if len(vals) != 1 or vals[0] < 2:
-        raise argparse.ArgumentTypeError(f"need a whole number of at least 2, got {text!r}")
-    return vals[0]
+def _whole(minimum: int):
+    """An option type: one whole number ≥ ``minimum``."""
+    def parse(text: str) -> int:
+        vals = _ints(text)
+        if len(vals) != 1 or vals[0] < minimum:
+            raise argparse.ArgumentTypeError(f"need a whole number of at least {minimum}, got {text!r}")
+        return vals[0]
+    return parse
+
+
+_count = _whole(2)     # a batch size: B = 1 has no sample variance
+_threads = _whole(1)
 
 
 def _ints(text: str) -> List[int]:
@@ -114,13 +120,6 @@ def _sizes(text: str) -> List[int]:
     if min(vals) < 2:
         raise argparse.ArgumentTypeError(f"batch sizes must be at least 2, got {text!r}")
     return vals
-
-
-def _threads(text: str) -> int:
-    vals = _ints(text)
-    if len(vals) != 1:
-        raise argparse.ArgumentTypeError(f"need one whole number ≥ 1, got {text!r}")
-    return vals[0]
 
 
 def print_measure(r: dict, out=None) -> None:
