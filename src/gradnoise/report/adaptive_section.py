@@ -2,7 +2,7 @@
 fixed batches, AdaScale and the noise-driven batch size."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -29,6 +29,32 @@ ADAPTIVE_TEXT = (
 )
 
 
+def method_bars(axis, methods: Dict[str, Dict[str, Any]], key: str, label: str) -> None:
+    """Bars of ``methods[m][key]["mean"]`` per method with their 95 % intervals as error
+    bars (log scale); a method without a positive mean gets no bar."""
+    names = list(methods)
+    means, lows, highs = [], [], []
+    for m in names:
+        part = methods[m].get(key) or {}
+        mean = part.get("mean")
+        lo, hi = domain_interval(part.get("interval"))
+        means.append(np.nan if mean is None else float(mean))
+        lows.append(lo)
+        highs.append(hi)
+    means, lows, highs = (np.array(v, dtype=float) for v in (means, lows, highs))
+    keep = np.isfinite(means) & (means > 0)
+    x = np.arange(len(names))
+    if keep.any():
+        err = np.vstack([means - np.where(np.isfinite(lows), lows, means),
+                         np.where(np.isfinite(highs), highs, means) - means])
+        axis.bar(x[keep], means[keep], yerr=np.clip(err[:, keep], 0, None), capsize=3,
+                 color=[COLORS[i % len(COLORS)] for i in x[keep]])
+        log_axis(axis, "y")
+    axis.set_xticks(x)
+    axis.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    axis.set(title=label.capitalize(), ylabel=label)
+
+
 def adaptive_figure(summary, runs, name: str, task: str) -> Plot:
     fig, (ax, bx) = new_figure(1, 2, width=11.0, row_height=4.2, bottom=1.6)
     methods = summary.get("methods") or {}
@@ -36,28 +62,9 @@ def adaptive_figure(summary, runs, name: str, task: str) -> Plot:
     if not names:
         note_empty(ax)
         note_empty(bx)
-    for k, (key, label, axis) in enumerate((("steps", "optimizer steps to the target", ax),
-                                            ("examples", "examples to the target", bx))):
-        means, lows, highs = [], [], []
-        for m in names:
-            part = methods[m].get(key) or {}
-            mean = part.get("mean")
-            lo, hi = domain_interval(part.get("interval"))
-            means.append(np.nan if mean is None else float(mean))
-            lows.append(lo)
-            highs.append(hi)
-        means, lows, highs = (np.array(v, dtype=float) for v in (means, lows, highs))
-        keep = np.isfinite(means) & (means > 0)
-        x = np.arange(len(names))
-        if keep.any():
-            err = np.vstack([means - np.where(np.isfinite(lows), lows, means),
-                             np.where(np.isfinite(highs), highs, means) - means])
-            axis.bar(x[keep], means[keep], yerr=np.clip(err[:, keep], 0, None), capsize=3,
-                     color=[COLORS[i % len(COLORS)] for i in x[keep]])
-            log_axis(axis, "y")
-        axis.set_xticks(x)
-        axis.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-        axis.set(title=label.capitalize(), ylabel=label)
+    for key, label, axis in (("steps", "optimizer steps to the target", ax),
+                             ("examples", "examples to the target", bx)):
+        method_bars(axis, methods, key, label)
     alt = (f"Two bar charts for task {task}: optimizer steps and training examples to the target loss for "
            f"each method ({', '.join(names)}), means over seeds with 95 % intervals, log scale.")
     return finish(fig, name, alt, "Bars: means over the seeds that reached the target; error bars: 95 % "
@@ -88,4 +95,4 @@ def adaptive_section(items: Items) -> h.Section:
     return section("adaptive", "Adaptive: acting on the noise", ADAPTIVE_TEXT, items, _part)
 
 
-__all__ = ["adaptive_figure", "adaptive_section"]
+__all__ = ["adaptive_figure", "adaptive_section", "method_bars"]

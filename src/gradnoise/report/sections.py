@@ -15,7 +15,7 @@ from .files import Input
 from .fmt import fmt_count, fmt_num, fmt_text, fmt_with_interval, to_float
 from .heatmap import lr_batch_figure
 from .study_figures import critical_figure, law_figure, rules_figure
-from .verdict import anchor
+from .line import anchor
 
 Items = Sequence[Tuple[str, Input]]
 

@@ -32,25 +32,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .files import RUN_FORMAT, Input
-from .fmt import domain_interval, fmt_count, fmt_interval, fmt_num, fmt_text, slug, to_float
+from .fmt import domain_interval, fmt_count, fmt_interval, fmt_num, fmt_text, to_float
+from .line import Line, anchor
 from .series import noise_series
-
-Piece = Tuple[str, Optional[str]]     # (text, anchor or None)
-
-
-@dataclass
-class Line:
-    """One sentence of the verdict: text pieces, some linked to a part of the page."""
-
-    pieces: List[Piece] = field(default_factory=list)
-
-    def add(self, text: str, anchor: Optional[str] = None) -> "Line":
-        self.pieces.append((text, anchor))
-        return self
-
-    @property
-    def text(self) -> str:
-        return "".join(t for t, _ in self.pieces)
+from .study_lines import STUDY_LINES, lm_batch, lm_next
 
 
 @dataclass
@@ -72,11 +57,6 @@ class TaskVerdict:
     answered: bool
 
 
-def anchor(study: str, task: str) -> str:
-    """The id of a task's part of a study section (``critical-batch-digits-mlp``)."""
-    return f"{study}-{slug(task)}"
-
-
 # ------------------------------------------------------------------ reading the inputs
 @dataclass
 class _Facts:
@@ -87,9 +67,7 @@ class _Facts:
     trajectory: Optional[Input] = None
     critical: Optional[Input] = None
     lr_batch: Optional[Input] = None
-    escape: Optional[Input] = None
-    optimizers: Optional[Input] = None
-    adaptive: Optional[Input] = None
+    more: Dict[str, Input] = field(default_factory=dict)   # study -> file, for STUDY_LINES
     run: Optional[Input] = None        # a run file given on its own
     run_anchor: Optional[str] = None
 
@@ -108,14 +86,16 @@ def _group(inputs: Sequence[Input], stems: Sequence[str]) -> List[_Facts]:
             continue
         task = fmt_text(inp.header.get("task"))
         attr = {"law": "law", "trajectory": "trajectory", "critical-batch": "critical",
-                "lr-batch": "lr_batch", "escape": "escape", "optimizers": "optimizers",
-                "adaptive": "adaptive"}.get(inp.study)
-        if attr is None:
+                "lr-batch": "lr_batch"}.get(inp.study)
+        if attr is None and inp.study not in STUDY_LINES:
             continue
         facts = by_task.get(task)
         if facts is None:
             facts = by_task[task] = _Facts(task)
-        setattr(facts, attr, inp)
+        if attr is None:
+            facts.more[inp.study] = inp
+        else:
+            setattr(facts, attr, inp)
     return list(by_task.values()) + out
 
 
@@ -288,12 +268,14 @@ def _task_verdict(f: _Facts) -> TaskVerdict:
                                 ": the sampling of this task does not match the estimator's premises; check it "
                                 "before trusting the numbers above."))
 
-    if f.adaptive is not None:
-        because.append(_adaptive_line(_summary(f.adaptive), anchor("adaptive", f.task)))
-    if f.optimizers is not None:
-        because.append(_optimizers_line(_summary(f.optimizers), anchor("optimizers", f.task)))
-    if f.escape is not None:
-        because.append(_escape_line(_summary(f.escape), anchor("escape", f.task)))
+    for study, inp in f.more.items():
+        line = STUDY_LINES[study](_summary(inp), anchor(study, f.task))
+        if line is not None:
+            because.append(line)
+    next_step = None
+    if batch is None and "lm" in f.more:  # the language model's own answer: its noise scale at the run's end
+        batch, lower_bound = lm_batch(_summary(f.more["lm"]))
+        next_step = lm_next(_summary(f.more["lm"]))
     if batch is None:
         return TaskVerdict(f.task, Line().add("No batch-size answer: these data cannot support one."),
                            because, _what_to_run(f, crit, stage), False)
@@ -304,63 +286,7 @@ def _task_verdict(f: _Facts) -> TaskVerdict:
     head.add(" for the stage up to the loss " + fmt_num(target) if math.isfinite(b_crit)
              else " at the stage this run reached")
     head.add(" (the upper end is not determined from these steps)." if lower_bound else ".")
-    return TaskVerdict(f.task, head, because, _next_step(stage, batch, b_crit), True)
-
-
-def _adaptive_line(s: Dict[str, Any], a: str) -> Line:
-    """Steps and examples of AdaScale and the noise-driven batch against the fixed small batch."""
-    methods = s.get("methods") or {}
-    base = methods.get("fixed small") or {}
-    b_steps, b_ex = ((base.get(k) or {}).get("mean") for k in ("steps", "examples"))
-    line = Line().add(f"Acting on the noise, to the loss {fmt_num(s.get('target_loss'))} from batch "
-                      f"{s.get('base_batch')}: ")
-    parts = []
-    for name in ("AdaScale", "adaptive batch", "Adam + AdaScale (√ gain)"):
-        m = methods.get(name) or {}
-        steps, ex = ((m.get(k) or {}).get("mean") for k in ("steps", "examples"))
-        if steps is None or not b_steps:
-            if m:
-                parts.append(f"{name} reached it in {m.get('reached')} of {m.get('runs')} seeds")
-            continue
-        parts.append(f"{name} took ×{fmt_num(steps / b_steps, 2)} the steps and ×{fmt_num(ex / b_ex, 2)} the "
-                     "examples of the fixed small batch")
-    line.add("; ".join(parts) if parts else "no method reached it", a)
-    return line.add(" (fewer steps pay where steps are the cost, as with many devices in parallel).")
-
-
-def _optimizers_line(s: Dict[str, Any], a: str) -> Line:
-    """The optimizers whose updates were least and most noisy, and the lowest final loss."""
-    opts = {k: v for k, v in (s.get("optimizers") or {}).items() if v.get("median_ratio") is not None}
-    if not opts:
-        return Line().add("Optimizers: no update noise could be measured.", a)
-    quiet = min(opts, key=lambda k: opts[k]["median_ratio"])
-    loud = max(opts, key=lambda k: opts[k]["median_ratio"])
-    best = min(opts, key=lambda k: opts[k]["final_loss"] if opts[k]["final_loss"] is not None else math.inf)
-    line = Line().add(f"Optimizers at batch {s.get('batch_size')}: the update of ")
-    line.add(f"{quiet} was the least noisy (noise-to-signal {fmt_num(opts[quiet]['median_ratio'])}) and {loud}'s "
-             f"the most ({fmt_num(opts[loud]['median_ratio'])})", a)
-    sgd = opts.get("SGD", {}).get("median_ratio")
-    if sgd is not None:
-        line.add(f", SGD's {fmt_num(sgd)}")
-    return line.add(f"; {best} reached the lowest loss ({fmt_num(opts[best]['final_loss'])}).")
-
-
-def _escape_line(s: Dict[str, Any], a: str) -> Line:
-    """What the escape study showed: SGD noise against isotropic noise, and the sharpness
-    and generalisation of small- against large-batch solutions."""
-    more = s.get("sgd_escapes_more_at") or []
-    line = Line().add("Noise and sharp minima: ")
-    line.add(f"SGD's noise left a sharp well more often than isotropic noise of the same size at B = "
-             f"{', '.join(map(str, more))}" if more else "SGD's and isotropic noise escaped a sharp well alike", a)
-    small, large = (s.get(k) or {} for k in ("small", "large"))
-    e_s, e_l = ((p.get("top_eigenvalue") or {}).get("mean") for p in (small, large))
-    g_s, g_l = ((p.get("gap") or {}).get("mean") for p in (small, large))
-    if e_s is not None and e_l is not None:
-        line.add(f"; the B={s.get('large_batch')} solutions were ×{fmt_num(e_l / e_s, 2)} as sharp as the "
-                 f"B={s.get('small_batch')} ones (λ_max {fmt_num(e_l)} against {fmt_num(e_s)})")
-        if g_s is not None and g_l is not None:
-            line.add(f", with train−test accuracy gaps of {fmt_num(g_l, 2)} and {fmt_num(g_s, 2)}")
-    return line.add(".")
+    return TaskVerdict(f.task, head, because, next_step or _next_step(stage, batch, b_crit), True)
 
 
 def _lr_lines(f: _Facts, lrb: Dict[str, Any], lr_a: str, batch: Optional[float], stage: Optional[_Stage]):
@@ -463,7 +389,7 @@ def verdicts(inputs: Sequence[Input], stems: Sequence[str]) -> List[TaskVerdict]
     """One :class:`TaskVerdict` per task (and per run file given on its own) that has a
     study able to answer (trajectory, critical-batch, lr-batch or a run file)."""
     groups = [g for g in _group(inputs, stems)
-              if g.trajectory or g.critical or g.lr_batch or g.run or g.escape or g.optimizers or g.adaptive]
+              if g.trajectory or g.critical or g.lr_batch or g.run or g.more]
     return [_task_verdict(g) for g in groups]
 
 

@@ -24,7 +24,6 @@ warm-up from the measured critical batch size saved 43 % of the steps on OLMo 1B
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -38,7 +37,7 @@ from ..stats.intervals import mean_interval
 from .output import StudyWriter, num
 from .progress import bar
 from .task import Task
-from .training import batches, full_loss
+from .training import ToTarget, batches, full_loss
 
 METHODS = ("fixed small", "fixed large", "AdaScale", "adaptive batch", "Adam fixed large", "Adam + AdaScale (√ gain)")
 
@@ -65,36 +64,15 @@ class AdaptiveConfig:
         return cls()
 
 
-class _Run:
-    """One method's training, counting steps and examples, checking the target."""
-
-    def __init__(self, task: Task, model, cfg: AdaptiveConfig):
-        self.task, self.model, self.cfg = task, model, cfg
-        self.steps = self.examples = 0
-        self.next_eval = cfg.eval_every_examples
-        self.loss = math.nan
-
-    def after_step(self, n: int) -> bool:
-        """Count a step of ``n`` samples; True when training should stop."""
-        self.steps += 1
-        self.examples += n
-        if self.examples >= self.next_eval:
-            self.next_eval += self.cfg.eval_every_examples
-            self.loss = full_loss(self.model, self.task)
-            if self.loss <= self.cfg.target_loss or not math.isfinite(self.loss):
-                return True
-        return self.examples >= self.cfg.max_examples
-
-    @property
-    def reached(self) -> bool:
-        return math.isfinite(self.loss) and self.loss <= self.cfg.target_loss
+def _to_target(task: Task, model, cfg: AdaptiveConfig) -> ToTarget:
+    return ToTarget(lambda: full_loss(model, task), cfg.target_loss, cfg.eval_every_examples, cfg.max_examples)
 
 
 def _backward(model, task: Task, idx, weight: float = 1.0) -> None:
     (task.loss_fn(model(task.x[idx]), task.y[idx]) * weight).backward()
 
 
-def _fixed(task: Task, cfg: AdaptiveConfig, b: int, seed: int, adam: bool, scale: bool) -> _Run:
+def _fixed(task: Task, cfg: AdaptiveConfig, b: int, seed: int, adam: bool, scale: bool) -> ToTarget:
     """SGD or Adam at a fixed batch ``b``, with or without AdaScale."""
     model = task.fresh_model()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.adam_lr) if adam else \
@@ -102,7 +80,7 @@ def _fixed(task: Task, cfg: AdaptiveConfig, b: int, seed: int, adam: bool, scale
     monitor = NoiseMonitor(model, source="per_sample", every=cfg.every) if scale else None
     ada = AdaScale(opt, monitor, base_batch_size=cfg.base_batch, batch_size=b,
                    mode="adam-sqrt" if adam else "sgd") if scale else None
-    run = _Run(task, model, cfg)
+    run = _to_target(task, model, cfg)
     it = batches(task.size, b, torch.Generator().manual_seed(seed))
     try:
         while True:
@@ -122,7 +100,7 @@ def _fixed(task: Task, cfg: AdaptiveConfig, b: int, seed: int, adam: bool, scale
     return run
 
 
-def _adaptive(task: Task, cfg: AdaptiveConfig, seed: int) -> _Run:
+def _adaptive(task: Task, cfg: AdaptiveConfig, seed: int) -> ToTarget:
     """SGD with the noise-driven batch size and the AdaScale learning-rate rule."""
     model = task.fresh_model()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.base_lr)
@@ -132,7 +110,7 @@ def _adaptive(task: Task, cfg: AdaptiveConfig, seed: int) -> _Run:
                                    adjust_every=cfg.adjust_every, optimizer=opt, lr_rule="adascale", seed=seed,
                                    drop_last=True)
     loader = DataLoader(TensorDataset(torch.arange(task.size)), batch_sampler=sampler)
-    run, sizes = _Run(task, model, cfg), []
+    run, sizes = _to_target(task, model, cfg), []
     try:
         for epoch in range(10 ** 6):
             sampler.set_epoch(epoch)
@@ -157,7 +135,7 @@ def _adaptive(task: Task, cfg: AdaptiveConfig, seed: int) -> _Run:
     return run
 
 
-def _one(method: str, task: Task, cfg: AdaptiveConfig, seed: int) -> _Run:
+def _one(method: str, task: Task, cfg: AdaptiveConfig, seed: int) -> ToTarget:
     large = min(cfg.large_batch, task.size // 2)
     if method == "fixed small":
         return _fixed(task, cfg, cfg.base_batch, seed, adam=False, scale=False)

@@ -55,6 +55,7 @@ class TinyGPT(nn.Module):
     def __init__(self, length: int, dim: int = 64, heads: int = 4, layers: int = 2):
         super().__init__()
         self.wte = nn.Embedding(VOCAB, dim)
+        nn.init.normal_(self.wte.weight, std=0.02)  # GPT-2's scale: N(0, 1) rows would make the tied logits huge
         self.wpe = nn.Parameter(torch.randn(length, dim) * 0.02)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)

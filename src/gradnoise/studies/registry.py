@@ -15,10 +15,11 @@ from typing import Callable, Dict, Optional, Tuple
 
 from ..report.adaptive_section import adaptive_section
 from ..report.escape_section import escape_section
+from ..report.lm_section import lm_section
 from ..report.noise_sections import trajectory_section
 from ..report.optimizers_section import optimizers_section
 from ..report.sections import critical_section, law_section, lr_batch_section, recommend_section
-from . import adaptive, critical, escape, law, lrbatch, optimizers, recommend, summary, trajectory
+from . import adaptive, critical, escape, law, lm, lrbatch, optimizers, recommend, summary, trajectory
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Study:
         section: the report section of its files (``section(items) -> Section``).
         sweep: a training sweep (hundreds of runs): by default on the first task only.
         reads_runs: runs on monitor run files (``recommend``) instead of tasks.
+        tasks: the built-in tasks it runs on when none is named (empty: the default
+            tasks, :data:`gradnoise.studies.task.DEFAULT_TASKS`).
     """
 
     name: str
@@ -42,6 +45,7 @@ class Study:
     section: Callable
     sweep: bool = False
     reads_runs: bool = False
+    tasks: Tuple[str, ...] = ()
 
 
 STUDIES: Tuple[Study, ...] = (
@@ -54,6 +58,7 @@ STUDIES: Tuple[Study, ...] = (
           sweep=True),
     Study("adaptive", adaptive.run, adaptive.AdaptiveConfig, summary.adaptive_line, adaptive_section, sweep=True),
     Study("escape", escape.run, escape.EscapeConfig, summary.escape_line, escape_section, sweep=True),
+    Study("lm", lm.run, lm.LmConfig, lm.summary_line, lm_section, tasks=("pydoc-gpt",)),
     Study("recommend", recommend.run, None, summary.recommend_line, recommend_section, reads_runs=True),
 )
 BY_NAME: Dict[str, Study] = {s.name: s for s in STUDIES}

@@ -3,8 +3,9 @@ does.
 
 By default every study of the registry runs: the quick ones on both built-in tasks
 (``digits-mlp``, ``digits-cnn``) and the training sweeps only on the first — the CNN
-trains ten times slower, and the sweeps train a hundred models. With tasks named
-explicitly, every study runs on every task. A study that reads run files
+trains ten times slower, and the sweeps train a hundred models; a study with tasks of
+its own (``lm``: ``pydoc-gpt``) on those. With tasks named explicitly, every study runs
+on every task (a study that cannot use one says why in its outcome). A study that reads run files
 (``recommend``) reads those of ``trajectory`` (or the ``run_files`` given).
 """
 from __future__ import annotations
@@ -114,10 +115,12 @@ def run_studies(names: Sequence[str], task_specs: Sequence[str], out, seed: int 
     if len(set(names_seen)) < len(names_seen):
         raise ValueError(f"two tasks share a name ({', '.join(names_seen)}); their files would overwrite "
                          "each other")
+    own = {name: load(name, seed) for s in studies if default and not s.reads_runs for name in s.tasks}
     out = Path(out)
     jobs = [Job(s, t.name, t, {"quiet": quiet, "config": overrides.config(s, size)})
             for s in studies if not s.reads_runs
-            for i, t in enumerate(tasks) if not (default and s.sweep and i > 0)]
+            for i, t in enumerate([own[n] for n in s.tasks] if default and s.tasks else tasks)
+            if not (default and s.sweep and i > 0)]
     readers = [s for s in studies if s.reads_runs]
     if readers and not run_files and not any(s.name == "trajectory" for s in studies):
         _trajectory_runs(out, tasks)  # fail before any work when there is nothing to read

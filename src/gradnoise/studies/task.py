@@ -43,8 +43,9 @@ from .data import digits
 from .models import build
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-BUILTIN = {"digits-mlp": "mlp", "digits-cnn": "cnn"}
+BUILTIN = {"digits-mlp": "mlp", "digits-cnn": "cnn", "pydoc-gpt": "gpt"}
 DEFAULT_TASKS = ("digits-mlp", "digits-cnn")
+LM_LENGTH = 64      # pydoc-gpt's sequence length (bytes)
 
 
 @dataclass
@@ -75,8 +76,15 @@ class Task:
 
 
 def builtin(name: str, seed: int = 0) -> Task:
-    """``digits-mlp`` or ``digits-cnn``: the bundled digits with a built-in model."""
+    """``digits-mlp`` or ``digits-cnn``: the bundled digits with a built-in model;
+    ``pydoc-gpt``: a small GPT on the byte windows of the standard library's
+    documentation topics (:mod:`gradnoise.studies.gpt`)."""
     torch.manual_seed(seed)
+    if name == "pydoc-gpt":
+        from .gpt import TinyGPT, corpus_bytes, token_loss, windows
+
+        x, y = windows(corpus_bytes(), LM_LENGTH)
+        return Task(name, TinyGPT(LM_LENGTH), x, y, token_loss)
     x, y = digits()
     return Task(name, build(BUILTIN[name]), x, y, F.cross_entropy)
 

@@ -111,3 +111,38 @@ def train_sgd(model: nn.Module, task: Task, batch_size: int, lr: float, steps: i
             return math.nan, True
     final = full_loss(model, task)
     return final, diverged(final, initial)
+
+
+class ToTarget:
+    """Counts one run's optimizer steps and examples and checks a target loss.
+
+    Every ``eval_every`` examples the loss ``evaluate()`` (e.g. the full-data loss) is
+    taken; the run is done when it is at or below ``target`` (or not finite), or after
+    ``max_examples`` examples. ``seconds`` adds up only what the caller times as
+    training (:meth:`after_step`'s ``seconds``), not the evaluations.
+    """
+
+    def __init__(self, evaluate, target: float, eval_every: int, max_examples: int):
+        self.evaluate, self.target = evaluate, target
+        self.eval_every, self.max_examples = eval_every, max_examples
+        self.steps = self.examples = 0
+        self.seconds = 0.0
+        self.next_eval = eval_every
+        self.loss = math.nan
+
+    def after_step(self, n: int, seconds: float = 0.0) -> bool:
+        """Count a step of ``n`` samples (``seconds`` of training); True when training
+        should stop."""
+        self.steps += 1
+        self.examples += n
+        self.seconds += seconds
+        if self.examples >= self.next_eval:
+            self.next_eval += self.eval_every
+            self.loss = self.evaluate()
+            if self.loss <= self.target or not math.isfinite(self.loss):
+                return True
+        return self.examples >= self.max_examples
+
+    @property
+    def reached(self) -> bool:
+        return math.isfinite(self.loss) and self.loss <= self.target
