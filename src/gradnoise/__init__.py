@@ -11,7 +11,7 @@ from .errors import (
     SampleMixingError,
     UnsupportedUseError,
 )
-from .monitor import NoiseMonitor, StepRecord
+from .monitor import NoiseMonitor, StepRecord, WindowNoise, WindowStats
 from .monitor.sinks import CsvSink, JsonlSink, MetricsLoggerSink, TensorBoardSink, read_run
 from .stats import NoiseStats
 
@@ -25,6 +25,8 @@ __all__ = [
     "NoiseMonitor",
     "StepRecord",
     "TensorBoardSink",
+    "WindowNoise",
+    "WindowStats",
     "read_run",
     "CaptureStateError",
     "FallbackError",

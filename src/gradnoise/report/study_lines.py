@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from .fmt import fmt_num, to_float
 from .line import Line
 from .lm_section import lm_next_text, lm_verdict_text
+from .online_section import online_verdict_text
 
 
 def adaptive_line(s: Dict[str, Any], a: str) -> Line:
@@ -99,6 +100,7 @@ STUDY_LINES: Dict[str, Callable[[Dict[str, Any], str], Optional[Line]]] = {
     "optimizers": optimizers_line,
     "escape": escape_line,
     "lm": _text_line(lm_verdict_text),
+    "online": _text_line(online_verdict_text),
 }
 
 __all__ = ["STUDY_LINES", "adaptive_line", "escape_line", "lm_batch", "lm_next", "optimizers_line"]
