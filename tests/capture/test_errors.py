@@ -1,4 +1,5 @@
 """Bad input gets a clear error or a flagged result, never a silent wrong number."""
+import copy
 import math
 
 import pytest
@@ -271,30 +272,33 @@ def test_second_backward_through_the_same_graph_is_refused(make):
             loss.backward()
 
 
-def test_fsdp2_sharded_parameters_are_refused_by_name():
-    """FSDP2 turns parameters into DTensors; capture must say so, never return nothing."""
+def test_fsdp2_capture_follows_sharded_parameters_and_refuses_tensor_parallel():
+    """FSDP2 (fully_shard) parameters are followed through their unsharded copies;
+    a DTensor parameter outside FSDP2 (tensor parallelism) is refused by name."""
     import torch.distributed as dist
 
     fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        model = fully_shard(nn.Sequential(nn.Linear(4, 3)))
-        with pytest.raises(UnsupportedUseError, match=r"'<model>' is sharded by FSDP2"):
-            with gradnoise.capture(model):
-                pass
-        mon_error = None
-        mon = gradnoise.NoiseMonitor(model, source="per_sample")
-        try:
-            model(torch.randn(2, 4))
-        except UnsupportedUseError as e:
-            mon_error = str(e)
-        mon.close()
-        assert mon_error is not None and "FSDP2" in mon_error
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        sharded = copy.deepcopy(plain)
+        fully_shard(sharded[0])
+        fully_shard(sharded)
+        x = torch.randn(5, 4, dtype=torch.float64)
+        with gradnoise.capture(plain) as ref:
+            plain(x).pow(2).mean().backward()
+        with gradnoise.capture(sharded) as got:
+            sharded(x).pow(2).mean().backward()
+        assert set(got.per_sample_sq_norms) == set(ref.per_sample_sq_norms)
+        for n, v in ref.per_sample_sq_norms.items():
+            torch.testing.assert_close(got.per_sample_sq_norms[n], v, rtol=1e-12, atol=0)
+        assert got.stats().trace_cov == pytest.approx(ref.stats().trace_cov, rel=1e-12)
         from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
 
         lin = nn.Linear(4, 3)  # tensor-parallel style: a DTensor parameter, no FSDP
         lin.weight = nn.Parameter(distribute_tensor(lin.weight.detach(), init_device_mesh("cpu", (1,)), [Replicate()]))
-        with pytest.raises(UnsupportedUseError, match=r"'weight' is a DTensor"):
+        with pytest.raises(UnsupportedUseError, match=r"'weight' is a DTensor .*not from fully_shard"):
             with gradnoise.capture(lin):
                 pass
     finally:

@@ -14,6 +14,9 @@ from per-sample gradients of the global batch at weights the parent derives itse
 * uneven counts: ``weighted_group_noise_stats`` with ``w_r = 1/R``;
 * ``source="per_sample"``: ``noise_stats`` of the global batch (equal counts) and
   ``weighted_group_noise_stats`` with groups of one sample and ``w_i = 1/(R·b_r)``;
+* ``source="per_sample"`` with ``reduction="sum"`` (each rank's loss a sum over its
+  samples), uneven counts: DDP's average is ``(1/R) Σ_i g_i``, every sample weighs
+  ``1/B``, so ``noise_stats`` of the global batch and no combination factor;
 * every scenario runs two SGD steps, and both are checked.
 """
 from __future__ import annotations
@@ -48,8 +51,8 @@ FIELDS = ("trace_cov", "grad_sq_norm", "b_simple", "mean_sq_norm", "group_sq_nor
 
 
 # ------------------------------------------------------------------------- scenarios
-def _sc(name: str, source: str, sizes: List[int], micro: int = 1, seed: int = 0) -> dict:
-    return {"name": name, "source": source, "sizes": sizes, "micro": micro, "seed": seed}
+def _sc(name: str, source: str, sizes: List[int], micro: int = 1, seed: int = 0, reduction: str = "mean") -> dict:
+    return {"name": name, "source": source, "sizes": sizes, "micro": micro, "seed": seed, "reduction": reduction}
 
 
 SCENARIOS: Dict[int, List[dict]] = {
@@ -60,6 +63,7 @@ SCENARIOS: Dict[int, List[dict]] = {
         _sc("ddp_uneven_accum", "ddp", [3, 5], micro=2, seed=14),
         _sc("ps_equal", "per_sample", [8, 8], seed=15),
         _sc("ps_uneven", "per_sample", [3, 5], seed=16),
+        _sc("ps_uneven_sum", "per_sample", [3, 5], seed=17, reduction="sum"),
     ],
     4: [
         _sc("ddp_equal", "ddp", [4, 4, 4, 4], seed=21),
@@ -123,7 +127,8 @@ def _run_scenario(sc: dict, rank: int, world: int) -> dict:
 
     sizes = sc["sizes"]
     ddp = nn.parallel.DistributedDataParallel(make_model())
-    monitor = gradnoise.NoiseMonitor(ddp, source=sc["source"], reduction="mean")
+    summed = sc["reduction"] == "sum"
+    monitor = gradnoise.NoiseMonitor(ddp, source=sc["source"], reduction=sc["reduction"])
     opt = torch.optim.SGD(ddp.parameters(), lr=LR)
     x, y = make_batch(sc)
     x, y = x[rank_slice(sizes, rank)], y[rank_slice(sizes, rank)]
@@ -137,7 +142,10 @@ def _run_scenario(sc: dict, rank: int, world: int) -> dict:
             for j, (xm, ym) in enumerate(chunks):
                 sync = j == len(chunks) - 1
                 with contextlib.nullcontext() if sync else ddp.no_sync():
-                    loss = loss_fn(ddp(xm), ym) * (xm.shape[0] / b)
+                    if summed:  # a plain sum over the rank's samples
+                        loss = F.cross_entropy(ddp(xm), ym, reduction="sum")
+                    else:
+                        loss = loss_fn(ddp(xm), ym) * (xm.shape[0] / b)
                     loss.backward()
             rec = monitor.step()
             steps.append({"weights": weights, "raw": None if rec is None else raw_to_dict(rec.raw)})
@@ -245,7 +253,8 @@ def ranks_of(spawned, world: int, name: str) -> List[dict]:
 # ---------------------------------------------------------------------------- oracle
 def oracle_trajectory(sc: dict, world: int):
     """Per step: (weights, per-sample grads of the global batch), with SGD on DDP's
-    update ``(1/R) Σ_r g_r`` (``g_r`` the mean gradient of rank r's samples)."""
+    update ``(1/R) Σ_r g_r`` (``g_r`` the mean gradient of rank r's samples; with
+    ``reduction="sum"`` the sum, so the update is ``(1/R) Σ_i g_i``)."""
     model = make_model()
     x, y = make_batch(sc)
     sizes = sc["sizes"]
@@ -256,7 +265,10 @@ def oracle_trajectory(sc: dict, world: int):
         out.append((weights, grads))
         with torch.no_grad():
             for n, p in model.named_parameters():
-                update = sum(grads[n][rank_slice(sizes, r)].mean(0) for r in range(world)) / world
+                if sc["reduction"] == "sum":
+                    update = grads[n].sum(0) / world
+                else:
+                    update = sum(grads[n][rank_slice(sizes, r)].mean(0) for r in range(world)) / world
                 p -= LR * update
     return out
 
@@ -268,7 +280,7 @@ def expected(sc: dict, world: int, grads) -> R.RefNoise:
         if equal:
             return R.group_noise_stats(grads, sizes)
         return R.weighted_group_noise_stats(grads, sizes, [1.0 / world] * world)
-    if equal:
+    if equal or sc["reduction"] == "sum":  # every sample weighs 1/B
         return R.noise_stats(grads)
     per_sample_w = [1.0 / (world * b) for b in sizes for _ in range(b)]
     return R.weighted_group_noise_stats(grads, [1] * sum(sizes), per_sample_w)
@@ -328,9 +340,12 @@ def check_against_oracle(spawned, world: int, name: str) -> None:
             assert got["raw"] is not None, where
             assert_matches_oracle(got["raw"], ref, where)
             # C combines the ranks with weights 1/R: f = (1/R²) Σ_r 1/b_r (None allowed
-            # where that is the default 1/B, i.e. equal counts)
+            # where that is the default 1/B, i.e. equal counts); a sum loss weighs every
+            # sample 1/B: the plain per-sample factor, None
             f, combo = sum(1.0 / b for b in sc["sizes"]) / world**2, got["raw"]["combo_factor"]
-            if combo is not None or len(set(sc["sizes"])) > 1:
+            if sc["reduction"] == "sum":
+                assert combo is None, (where, combo)
+            elif combo is not None or len(set(sc["sizes"])) > 1:
                 assert combo is not None and math.isclose(combo, f, rel_tol=1e-12), (where, combo, f)
         # every rank reports the same numbers
         for r in range(1, world):
@@ -406,6 +421,10 @@ def test_per_sample_under_ddp_equal_counts(spawned):
 
 def test_per_sample_under_ddp_uneven_counts(spawned):
     check_against_oracle(spawned, 2, "ps_uneven")
+
+
+def test_per_sample_under_ddp_uneven_counts_sum_reduction(spawned):
+    check_against_oracle(spawned, 2, "ps_uneven_sum")
 
 
 def test_second_step_is_a_new_measurement(spawned):

@@ -24,6 +24,7 @@ from .. import stats as _stats
 from ..errors import CaptureStateError, UnsupportedUseError
 from . import modules as _modules
 from .direct import describe, handle_direct
+from .fsdp import fsdp_params, local_shard, whole_norms
 from .expression import Expr, ExprRef
 from .router import Router
 from .rules import ALWAYS, FUNCTION_RULES
@@ -46,7 +47,10 @@ class Capture:
     * ``stats()``: :class:`gradnoise.stats.NoiseStats` of the whole model, with
       ``by_param``.
 
-    Every ``p.grad`` is what plain autograd would have produced.
+    Every ``p.grad`` is what plain autograd would have produced. Under FSDP2's
+    ``fully_shard`` (1-D mesh) the rules follow the unsharded parameters; the per-sample
+    norms are this rank's samples, ``mean_sq_norms`` that of the whole reduced ``p.grad``
+    (an all-reduce of the shards' squared norms), as under DDP: the monitor combines ranks.
     """
 
     def __init__(
@@ -87,19 +91,25 @@ class Capture:
                 "close it before opening another"
             )
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        _refuse_sharded(self.model, named)
+        self._fsdp = fsdp_params(self.model, named)  # FSDP2: the sharded parameters stand
+        named = [(n, self._fsdp[n].sharded_param if n in self._fsdp else p) for n, p in named]
         self._params: Dict[str, nn.Parameter] = dict(named)
         self._by_id = {id(p): p for _, p in named}
         self.store = SampleStore({id(p): n for n, p in named}, self.reduction == "mean", self._note_grad)
+        self._ids: Dict[int, tuple] = {}  # FSDP2: id of either alias -> both ids
+        self._unaliased = set(self._fsdp)
+        self._alias()
         self.active: Counter = Counter()
         self.tracker = Tracker()
         self._router_on = False
         self._before: Dict[str, torch.Tensor] = {}
         # which .grad each parameter holds now, and its version: untouched ones keep both
-        self._grad_at_enter = {n: (p.grad, p.grad._version) for n, p in named if p.grad is not None}
+        self._grad_at_enter = {n: (p.grad, local_shard(p.grad)._version) for n, p in named if p.grad is not None}
         self._router = Router(self, FUNCTION_RULES, ALWAYS)
         try:
             self._hooks = _modules.attach(self, self.model, self.rules)
+            self._hooks += [m.register_forward_pre_hook(self._alias) for m in self.model.modules()
+                            if self._fsdp and hasattr(m, "_get_fsdp_state")]
             self._hooks.append(self.model.register_forward_pre_hook(self.forward_starts, with_kwargs=True))
             if self.scope == "forward":
                 self._hooks.append(self.model.register_forward_hook(
@@ -158,8 +168,19 @@ class Capture:
         """Keep ``p.grad`` as it was before this capture's first contribution to it, so
         the batch gradient is what the capture's passes add (gradients left from an
         earlier step, or accumulated on purpose, are not mistaken for this batch's)."""
-        if param.grad is not None:
-            self._before[self.store.names[id(param)]] = param.grad.detach().clone()
+        name = self.store.names[id(param)]
+        grad = self._params[name].grad  # FSDP2: the sharded parameter's, not the alias's
+        if grad is not None:
+            self._before[name] = local_shard(grad.detach()).clone()
+
+    def _alias(self, *_) -> None:
+        """FSDP2 computes with unsharded copies of its parameters, made at the first all-gather
+        and reused: they stand for their names too (a forward pre-hook of FSDP2 modules)."""
+        for name in [n for n in self._unaliased if hasattr(self._fsdp[n], "_unsharded_param")]:
+            u, s = self._fsdp[name]._unsharded_param, self._params[name]
+            self._by_id[id(u)], self.store.names[id(u)] = u, name
+            self._ids[id(u)] = self._ids[id(s)] = (id(s), id(u))
+            self._unaliased.discard(name)
 
     # ---- used by rules --------------------------------------------------------------
     def ref(self, t: Optional[torch.Tensor]):
@@ -168,7 +189,8 @@ class Capture:
         expression), or None."""
         ref = self._lookup(t)
         if ref is not None:
-            return None if self.active[id(ref.param)] else ref
+            ids = self._ids.get(id(ref.param), (id(ref.param),))
+            return None if any(self.active[i] for i in ids) else ref
         if isinstance(t, torch.Tensor):
             found = self.tracker.exprs.get(t)
             if found is not None:
@@ -263,7 +285,7 @@ class Capture:
                     "data, or it was used by code gradnoise cannot see (TorchScript, a C++ "
                     "extension, a backward outside the capture block)"
                 )
-            g = p.grad.detach()
+            g = local_shard(p.grad.detach())
             kept.append(name)
             deltas.append(g - self._before[name] if name in self._before else g)
         if not kept:
@@ -274,6 +296,8 @@ class Capture:
         self._norms = dict(zip(kept, rows.unbind(0)))
         scale = 1.0 if self.reduction == "mean" else 1.0 / n
         grad_norms = torch.stack(torch._foreach_norm(deltas)).to(rows.dtype)
+        if self._fsdp:  # this rank holds shards of the FSDP2 gradients
+            grad_norms = whole_norms(grad_norms, kept, self._fsdp)
         values = torch.cat([rows.sum(1), grad_norms]).tolist()
         self._sums = dict(zip(kept, values[: len(kept)]))
         self._mean_sq = {k: v * v * scale**2 for k, v in zip(kept, values[len(kept):])}
@@ -291,7 +315,7 @@ class Capture:
         if name in self._before:
             return False
         held = self._grad_at_enter.get(name)
-        return held is not None and held[0] is p.grad and held[1] == p.grad._version
+        return held is not None and held[0] is p.grad and held[1] == local_shard(p.grad)._version
 
     def _need_closed(self) -> None:
         if self._state != "closed":
@@ -365,26 +389,6 @@ def capture(
         cap.stats().b_simple
     """
     return Capture(model, reduction, rules)
-
-
-def _refuse_sharded(model: nn.Module, named) -> None:
-    """Parameters that are DTensors (FSDP2's ``fully_shard``, tensor parallelism) hold
-    one shard per rank, and FSDP2 swaps them for unsharded copies during the forward and
-    moves the gradients back: the per-sample engine cannot follow them, and says so."""
-    for name, m in model.named_modules():
-        if any(c.__name__ == "FSDPModule" for c in type(m).__mro__):
-            raise UnsupportedUseError(
-                f"module '{name or '<model>'}' is sharded by FSDP2 (fully_shard): the "
-                "per-sample engine does not follow its DTensor parameters, so it would "
-                "measure nothing; measure the unsharded model"
-            )
-    for name, p in named:
-        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-            raise UnsupportedUseError(
-                f"parameter '{name}' is a DTensor (sharded, e.g. by FSDP2's fully_shard): "
-                "the per-sample engine does not follow sharded parameters, so it would "
-                "measure nothing; measure the unsharded model"
-            )
 
 
 def _open_capture(model: nn.Module) -> Optional[Capture]:

@@ -8,7 +8,8 @@ DDP averages the ranks' local gradients with equal weights, ``u = (1/R) Σ_r g_r
 
 so the estimator takes ``combo_factor = (1/R²) Σ_r 1/b_r`` (``= 1/B`` for equal counts,
 where it is DESIGN.md's formula). The ``b_r`` and ``1/b_r`` are all-reduced with the
-``b_r ||g_r||²``: one tensor of ``P + 2`` numbers per measured step.
+``b_r ||g_r||²``: one tensor of ``P + 2`` numbers per measured step. FSDP2 reduces the
+same average by a reduce-scatter: :mod:`gradnoise.monitor.fsdp`.
 """
 from __future__ import annotations
 

@@ -20,12 +20,14 @@ import warnings
 from dataclasses import replace
 from typing import Iterable, Optional
 
+import torch.distributed as dist
 from torch import nn
 
 from .. import formats
 from ..errors import GradNoiseError
 from . import names as _names
 from .ddp import DdpSource, allreduce_counts
+from .fsdp import fsdp_source
 from .moments import Moments
 from .record import StepRecord
 from .sinks import as_sink
@@ -49,10 +51,12 @@ class NoiseMonitor:
     """Measure the gradient noise of each optimizer step.
 
     Args:
-        model: the model being trained, possibly wrapped in DistributedDataParallel.
+        model: the model being trained, possibly wrapped in DistributedDataParallel or
+            sharded with FSDP2's ``fully_shard`` (on a 1-D mesh, root included; make the
+            monitor after sharding), see :mod:`gradnoise.monitor.fsdp`.
         source: ``"per_sample"`` (exact per-sample norms), ``"microbatch"`` (each
             ``backward()`` call of a step is a group; needs ≥ 2 per step; works with
-            BatchNorm) or ``"ddp"`` (each rank is a group).
+            BatchNorm; under FSDP2 the passes of all ranks) or ``"ddp"`` (each rank is a group).
         sinks: where records go: :mod:`gradnoise.monitor.sinks` objects, paths ending in
             ``.jsonl``/``.csv``, or anything with ``log_metrics(metrics, step)``.
         every: measure every ``every``-th step (step 0 first).
@@ -63,7 +67,7 @@ class NoiseMonitor:
             ``step()`` is called (call it before ``scaler.unscale_``); its scale is
             removed and overflow steps are flagged and skipped.
         rules: extra capture rules (per-sample source), see :func:`gradnoise.capture`.
-        process_group: the DDP process group (default: the world).
+        process_group: the DDP process group (default: the world; FSDP2: its mesh's).
     """
 
     def __init__(
@@ -99,6 +103,9 @@ class NoiseMonitor:
 
     @staticmethod
     def _make_source(model, source, reduction, rules, group):
+        sharded = fsdp_source(model, source, reduction, rules)  # FSDP2 (fully_shard)
+        if sharded is not None:
+            return sharded
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         if source == "microbatch":
             if ddp:
@@ -110,7 +117,10 @@ class NoiseMonitor:
             return MicrobatchSource(model, reduction)
         if source == "ddp":
             return DdpSource(model, reduction, group)
-        return PerSampleSource(model, reduction, rules, allreduce_counts(group) if ddp else None)
+        if ddp:
+            world = dist.get_world_size(group)
+            return PerSampleSource(model, reduction, rules, allreduce_counts(group), world)
+        return PerSampleSource(model, reduction, rules)
 
     @property
     def step_index(self) -> int:

@@ -7,6 +7,7 @@
   read by parameter hooks as its squared norm (no copies): groups are micro-batches. It
   works on any model, BatchNorm in training mode included.
 * :class:`~gradnoise.monitor.ddp.DdpSource` — groups are data-parallel ranks.
+* :mod:`gradnoise.monitor.fsdp` — the three on a model sharded by FSDP2's ``fully_shard``.
 
 Each source has ``begin()`` (a measured step starts), ``end(samples) -> Moments`` and
 ``close()``. Conventions: within a step, each micro-batch loss is scaled by its share
@@ -96,8 +97,14 @@ class PerSampleSource:
 
     name = "per_sample"
 
-    def __init__(self, model: nn.Module, reduction: str, rules=None, allreduce: Optional[Callable] = None):
+    def __init__(self, model: nn.Module, reduction: str, rules=None, allreduce: Optional[Callable] = None,
+                 world: Optional[int] = None):
+        """``allreduce``: :func:`~gradnoise.monitor.ddp.allreduce_counts` under data
+        parallelism. ``world``: the DDP world size ``R``, given when ``p.grad`` is DDP's
+        average ``(1/R) Σ_r`` of the ranks' gradients and nothing else corrects ``C``
+        for it (a subclass that applies its own correction passes None)."""
         self.model, self.reduction, self.rules, self.allreduce = model, reduction, rules, allreduce
+        self.world = world
         self._cap: Optional[Capture] = None
         self._pending = False
         self._handle = forward_pre_hook(model, self, "_open", with_kwargs=True)
@@ -130,6 +137,12 @@ class PerSampleSource:
         if self.allreduce is None:
             return Moments(names, [sums[k] / n for k in names], mean_sq, n, n)
         total, count, inv = self.allreduce(torch.tensor([sums[k] for k in names], dtype=torch.float64), n)
+        if self.world is not None and self.reduction == "sum":
+            # DDP's average of the ranks' sum losses: p.grad = (1/R) Σ_i g_i = (B/R)·ḡ,
+            # and the capture divided ||p.grad||² by n², so C = mean_sq · (n·R/B)²; every
+            # sample weighs 1/B in ḡ, so the combination factor is the plain 1/B (None)
+            mean_sq = [c * (n * self.world / count) ** 2 for c in mean_sq]
+            inv = None
         return Moments(names, (total / count).tolist(), mean_sq, int(count), int(count), inv)
 
     def discard(self) -> None:
@@ -166,7 +179,7 @@ class MicrobatchSource:
     def _hook(self, name: str, p: nn.Parameter):
         def hook(grad: torch.Tensor) -> None:
             if name not in self._before:  # the step's first pass: note what p.grad held
-                self._before[name] = None if p.grad is None else p.grad.detach().clone()
+                self._before[name] = self._snapshot(name)
             passes = self._passes
             n_pass = len(self.counter.sizes)
             while len(passes) < n_pass:
@@ -207,20 +220,30 @@ class MicrobatchSource:
         names = [n for n, p in self.params.items() if p.grad is not None]
         if not names:
             return None
+        # [k, P] squared norms of each pass's gradient; a pass that missed a parameter
+        # gave it zero gradient
+        first = next((v for p in passes for v in p.values()), torch.zeros(()))
+        zero = torch.zeros((), dtype=first.dtype, device=first.device)
+        per_pass = torch.stack([torch.stack([p.get(n, zero) for n in names]) for p in passes]).double()
+        b = torch.tensor(sizes, dtype=torch.float64, device=per_pass.device).unsqueeze(1)
+        # pass gradient = (b/B)·group mean ("mean") or b·group mean ("sum")
+        group_sq = per_pass * (B / b) ** 2 if self.reduction == "mean" else per_pass / b**2
+        return self._moments(names, group_sq, b)
+
+    def _moments(self, names: List[str], group_sq: torch.Tensor, b: torch.Tensor) -> Moments:
+        """The step's moments from ``[k, P]`` squared group-mean norms and ``[k, 1]`` sizes."""
+        B = int(b.sum())
         grads = [self._delta(n) for n in names]
         mean_sq = torch.stack(torch._foreach_norm(grads)).double().square()
         if self.reduction == "sum":
             mean_sq = mean_sq / B**2
-        # [k, P] squared norms of each pass's gradient; a pass that missed a parameter
-        # gave it zero gradient
-        dtype = next((v.dtype for p in passes for v in p.values()), torch.float32)
-        zero = torch.zeros((), dtype=dtype, device=mean_sq.device)
-        per_pass = torch.stack([torch.stack([p.get(n, zero) for n in names]) for p in passes]).double()
-        b = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
-        # pass gradient = (b/B)·group mean ("mean") or b·group mean ("sum")
-        group_sq = per_pass * (B / b) ** 2 if self.reduction == "mean" else per_pass / b**2
         a = (b / B * group_sq).sum(0)
-        return Moments(names, a.tolist(), mean_sq.tolist(), B, len(passes))
+        return Moments(names, a.tolist(), mean_sq.tolist(), B, b.shape[0])
+
+    def _snapshot(self, name: str) -> Optional[torch.Tensor]:
+        """A copy of what ``p.grad`` holds before the step's first pass reaches it."""
+        g = self.params[name].grad
+        return None if g is None else g.detach().clone()
 
     def _delta(self, name: str) -> torch.Tensor:
         g = self.params[name].grad.detach()
