@@ -372,14 +372,49 @@ def test_adam_sqrt_large_tensor_reads_a_subset_close_to_the_full_mean():
 
 
 # ---------------------------------------------------------------- DDP source, 2 processes
+def _adascale_ranks_run(rank: int) -> dict:
+    """The worker's training; its DDP model and monitor are freed when it returns, before
+    the process group is destroyed (a DDP reducer outliving its group aborts the process)."""
+    import types
+
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Linear(4, 1))
+    monitor = gradnoise.NoiseMonitor(model, source="ddp")
+    params = list(model.parameters())
+
+    def sgd_step():
+        with torch.no_grad():
+            for p in params:
+                p -= opt.param_groups[0]["lr"] * p.grad
+
+    opt = types.SimpleNamespace(param_groups=[{"params": params, "lr": 0.05}], step=sgd_step, state={})
+    ada = AdaScale(opt, monitor, base_batch_size=8, batch_size=32)  # 16 samples per rank
+    g = torch.Generator().manual_seed(rank)
+    gains, lrs = [], []
+    for _ in range(6):
+        x = torch.randn(16, 4, generator=g)
+        y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + torch.randn(16, generator=g)
+        torch.nn.functional.mse_loss(model(x).squeeze(1), y).backward()
+        rec = monitor.step()
+        ada.step()
+        for p in params:
+            p.grad = None
+        gains.append(ada.gain[0])
+        lrs.append(opt.param_groups[0]["lr"])
+    s = rec.smoothed
+    out = {"gains": gains, "lrs": lrs, "trace": s.trace_cov, "grad": s.grad_sq_norm}
+    monitor.close()
+    return out
+
+
 def _ddp_adascale_worker(rank: int, init_file: str, out_dir: str) -> None:
     """Each rank trains a DDP-wrapped linear model with AdaScale reading a
     ``source="ddp"`` monitor (ranks as the groups): both ranks must set the same gain."""
     import datetime
+    import gc
     import json
     import os
     import traceback
-    import types
 
     import torch.distributed as dist
 
@@ -388,38 +423,14 @@ def _ddp_adascale_worker(rank: int, init_file: str, out_dir: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     out = {}
     try:
-        torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(nn.Linear(4, 1))
-        monitor = gradnoise.NoiseMonitor(model, source="ddp")
-        params = list(model.parameters())
-
-        def sgd_step():
-            with torch.no_grad():
-                for p in params:
-                    p -= opt.param_groups[0]["lr"] * p.grad
-
-        opt = types.SimpleNamespace(param_groups=[{"params": params, "lr": 0.05}], step=sgd_step, state={})
-        ada = AdaScale(opt, monitor, base_batch_size=8, batch_size=32)  # 16 samples per rank
-        g = torch.Generator().manual_seed(rank)
-        gains, lrs = [], []
-        for _ in range(6):
-            x = torch.randn(16, 4, generator=g)
-            y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + torch.randn(16, generator=g)
-            torch.nn.functional.mse_loss(model(x).squeeze(1), y).backward()
-            rec = monitor.step()
-            ada.step()
-            for p in params:
-                p.grad = None
-            gains.append(ada.gain[0])
-            lrs.append(opt.param_groups[0]["lr"])
-        s = rec.smoothed
-        out = {"gains": gains, "lrs": lrs, "trace": s.trace_cov, "grad": s.grad_sq_norm}
-        monitor.close()
+        out = _adascale_ranks_run(rank)
     except Exception:
         out = {"error": traceback.format_exc()}
     finally:
+        gc.collect()
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
             json.dump(out, fh)
+        dist.barrier()  # neither rank tears gloo down while the other is still in it (SIGABRT)
         dist.destroy_process_group()
 
 

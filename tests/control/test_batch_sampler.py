@@ -459,6 +459,7 @@ def ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
             json.dump(result, fh)
+        dist.barrier()  # neither rank tears gloo down while the other is still in it (SIGABRT)
         dist.destroy_process_group()
 
 
