@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from .fmt import fmt_num, to_float
 from .line import Line
+from .federated_section import federated_verdict_text
 from .lm_section import lm_next_text, lm_verdict_text
 from .online_section import online_verdict_text
 
@@ -100,6 +101,7 @@ STUDY_LINES: Dict[str, Callable[[Dict[str, Any], str], Optional[Line]]] = {
     "optimizers": optimizers_line,
     "escape": escape_line,
     "lm": _text_line(lm_verdict_text),
+    "federated": _text_line(federated_verdict_text),
     "online": _text_line(online_verdict_text),
 }
 

@@ -15,12 +15,13 @@ from typing import Callable, Dict, Optional, Tuple
 
 from ..report.adaptive_section import adaptive_section
 from ..report.escape_section import escape_section
+from ..report.federated_section import federated_section
 from ..report.lm_section import lm_section
 from ..report.noise_sections import trajectory_section
 from ..report.online_section import online_section
 from ..report.optimizers_section import optimizers_section
 from ..report.sections import critical_section, law_section, lr_batch_section, recommend_section
-from . import adaptive, critical, escape, law, lm, lrbatch, online, optimizers, recommend, summary, trajectory
+from . import adaptive, critical, escape, federated, law, lm, lrbatch, online, optimizers, recommend, summary, trajectory
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ STUDIES: Tuple[Study, ...] = (
     Study("adaptive", adaptive.run, adaptive.AdaptiveConfig, summary.adaptive_line, adaptive_section, sweep=True),
     Study("escape", escape.run, escape.EscapeConfig, summary.escape_line, escape_section, sweep=True),
     Study("lm", lm.run, lm.LmConfig, lm.summary_line, lm_section, tasks=("pydoc-gpt",)),
+    Study("federated", federated.run, federated.FederatedConfig, federated.summary_line, federated_section,
+          sweep=True),
     Study("online", online.run, online.OnlineConfig, online.summary_line, online_section, sweep=True),
     Study("recommend", recommend.run, None, summary.recommend_line, recommend_section, reads_runs=True),
 )
