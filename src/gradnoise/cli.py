@@ -68,8 +68,9 @@ def _study_parser(sub) -> None:
     s.add_argument("--lr", type=_positive, help="SGD learning rate of law and trajectory (default 0.1)")
     s.add_argument("--lrs", type=_floats, help="comma-separated learning-rate grid of the sweeps")
     s.add_argument("--batch-sizes", type=_sizes, help="comma-separated batch sizes of the sweeps")
-    s.add_argument("--target-loss", type=_positive, help="full-data loss the critical-batch and adaptive runs train to "
-                                                           "(default 0.2 and 0.3)")
+    s.add_argument("--target-loss", type=_positive, help="loss the critical-batch and adaptive runs train to "
+                                                           "(full-data, default 0.2 and 0.3) and lm's (held-out "
+                                                           "next-byte loss, default 2.4)")
     s.add_argument("--threads", type=_threads, help="torch threads (default 1: the studies' models are tiny, and "
                                                     "one thread stays fast when the machine is busy)")
     _debug_option(s)

@@ -9,7 +9,7 @@ the per-token loss is the mean over a sequence's ``T`` tokens).
 
 A seeded ``eval_windows`` of the windows is held out; the model trains on the rest.
 
-1. **Trajectory.** AdamW at batch ``batch_size`` and rate ``lr`` for ``steps`` steps,
+1. **Trajectory.** AdamW at batch ``batch_size`` and rate ``adam_lr`` for ``steps`` steps,
    :class:`gradnoise.monitor.NoiseMonitor` (``per_sample``, every ``every`` steps,
    debiased EMAs of decay ``beta``) measuring the exact per-sequence noise. Every
    ``eval_every`` steps: the held-out loss, the smoothed ``B_simple`` with its 95 %
@@ -52,7 +52,7 @@ LN = "LayerNorm"
 @dataclass
 class LmConfig:
     batch_size: int = 32
-    lr: float = 3e-3              # AdamW, every part
+    adam_lr: float = 3e-3         # AdamW, every part
     steps: int = 600
     every: int = 2                # the monitor measures every k-th step
     beta: float = 0.95
@@ -123,7 +123,7 @@ def trajectory(task: Task, cfg: LmConfig, train, test, seed: int, w: StudyWriter
     ``checkpoint`` lines; returns the checkpoints."""
     torch.manual_seed(seed)
     model = task.fresh_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.adam_lr)
     layers = _names.layers(model)
     ln_of = {p: LN for info in layers.values() if info["type"] == LN for p in info["params"]}
     ln = NoiseSmoother(cfg.beta, ln_of)
@@ -241,7 +241,7 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
         points = trajectory(task, cfg, train, test, seed, w, progress)
         methods = warmup(task, cfg, train, test, seed, w, progress, lambda m: held_out_loss(m, task, test))
         last = points[-1] if points else {}
-        summary = {"sequence_length": tokens_per, "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": cfg.steps,
+        summary = {"sequence_length": tokens_per, "batch_size": cfg.batch_size, "lr": cfg.adam_lr, "steps": cfg.steps,
                    "params": sum(p.numel() for p in task.model.parameters()), "initial_loss": initial,
                    "final_loss": last.get("loss"), "growth": growth(points, tokens_per),
                    "layernorm": layernorm_agreement(points), "layers": last.get("layers", {}),

@@ -1,7 +1,7 @@
 """The ``lm`` study's second part: a batch-size warm-up driven by the measured noise
 against fixed batches, each to a target held-out loss.
 
-From the same initial weights and AdamW at the same rate ``lr``:
+From the same initial weights and AdamW at the same rate ``adam_lr``:
 
 * ``fixed small`` — batch ``base_batch`` throughout;
 * ``fixed large`` — batch ``large_batch`` throughout;
@@ -44,7 +44,7 @@ def _timed_step(model, opt, task: Task, parts) -> float:
 
 
 def _fixed(task: Task, cfg, b: int, train, seed: int, run: ToTarget, model) -> Dict[str, Any]:
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.adam_lr)
     it = batches(len(train), b, torch.Generator().manual_seed(seed))
     while True:
         seconds = _timed_step(model, opt, task, [(train[next(it)], 1.0)])
@@ -55,7 +55,7 @@ def _fixed(task: Task, cfg, b: int, train, seed: int, run: ToTarget, model) -> D
 
 
 def _warm(task: Task, cfg, train, seed: int, run: ToTarget, model) -> Dict[str, Any]:
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.adam_lr)
     sizes: List[int] = []
     with NoiseMonitor(model, source="per_sample", every=cfg.every, beta=cfg.beta) as monitor:
         sampler = AdaptiveBatchSampler(len(train), monitor=monitor, base_batch_size=cfg.base_batch,

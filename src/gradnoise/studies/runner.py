@@ -32,7 +32,7 @@ class Overrides:
     lr: Optional[float] = None                   # law, trajectory
     lrs: Optional[List[float]] = None            # critical-batch, lr-batch
     batch_sizes: Optional[List[int]] = None      # critical-batch, lr-batch
-    target_loss: Optional[float] = None          # critical-batch, adaptive
+    target_loss: Optional[float] = None          # critical-batch, adaptive, lm
 
     def config(self, study: registry.Study, size: str):
         if study.config is None:
