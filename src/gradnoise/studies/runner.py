@@ -5,7 +5,9 @@ By default every study of the registry runs: the quick ones on both built-in tas
 (``digits-mlp``, ``digits-cnn``) and the training sweeps only on the first — the CNN
 trains ten times slower, and the sweeps train a hundred models; a study with tasks of
 its own (``lm``: ``pydoc-gpt``) on those. With tasks named explicitly, every study runs
-on every task (a study that cannot use one says why in its outcome). A study that reads run files
+on every task (a study that cannot use one says why in its outcome), except that a study
+with tasks of its own runs only when it is named too (``gradnoise study --task mine``
+leaves ``lm`` out; ``gradnoise study lm --task mine`` runs it on ``mine``). A study that reads run files
 (``recommend``) reads those of ``trajectory`` (or the ``run_files`` given).
 """
 from __future__ import annotations
@@ -110,6 +112,8 @@ def run_studies(names: Sequence[str], task_specs: Sequence[str], out, seed: int 
     studies = check_studies(names)
     overrides = overrides or Overrides()
     default = not task_specs
+    if not default and not names:  # your tasks: the studies of a task of their own only when named
+        studies = [s for s in studies if not s.tasks]
     tasks: List[Task] = [load(spec, seed) for spec in (task_specs or DEFAULT_TASKS)]
     names_seen = [t.name for t in tasks]
     if len(set(names_seen)) < len(names_seen):
