@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import reference as R
 from gradnoise.formats import read_study
@@ -20,23 +18,12 @@ from gradnoise.report.federated_section import federated_section, federated_verd
 from gradnoise.report.files import load
 from gradnoise.studies import federated
 from gradnoise.studies.output import StudyWriter
-from gradnoise.studies.task import Task, builtin
+from gradnoise.studies.task import builtin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "report"))
 from test_report_build import check_page  # noqa: E402
 
 INF = math.inf
-
-
-def toy64(n=300, classes=3, seed=0) -> Task:
-    """A float64 toy classification task (so the study's numbers match the oracle closely)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
-    w = torch.randn(6, classes, generator=g, dtype=torch.float64)
-    y = (x @ w + 0.5 * torch.randn(n, classes, generator=g, dtype=torch.float64)).argmax(1)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, classes)).double()
-    return Task("toy64", model, x, y, F.cross_entropy)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +86,7 @@ def test_label_skew_raises_the_between_share_and_the_drift(tiny_run):
     assert summary["alphas"][1]["dissimilarity_sq"]["mean"] > summary["alphas"][0]["dissimilarity_sq"]["mean"]
 
 
-def test_the_decomposition_matches_the_float64_oracle(tmp_path):
+def test_the_decomposition_matches_the_float64_oracle(tmp_path, toy64):
     """A census (every client measures all its samples) at the initial weights: the study's
     within, between, tr Σ, |∇f|² and B² are the exact population values."""
     task = toy64()
@@ -142,13 +129,13 @@ def test_splits():
     (dict(local_lr=-1.0), "local_lr"), (dict(client_fraction=0.0), "client_fraction"), (dict(test_fraction=1.0), "test_fraction"),
     (dict(clients=100, min_client_size=20), "cannot give"),
 ])
-def test_bad_options(tmp_path, over, match):
+def test_bad_options(tmp_path, over, match, toy64):
     cfg = replace(federated.FederatedConfig.for_size("tiny"), **over)
     with pytest.raises(ValueError, match=match):
         federated.run(toy64(), tmp_path, config=cfg, quiet=True)
 
 
-def test_labels_that_are_not_classes(tmp_path):
+def test_labels_that_are_not_classes(tmp_path, toy64):
     task = toy64()
     task.y = task.y.double()
     with pytest.raises(ValueError, match="integer class labels"):

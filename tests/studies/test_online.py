@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from gradnoise.formats import read_study
 from gradnoise.monitor.window import WindowNoise
@@ -17,17 +15,6 @@ from gradnoise.studies import online
 from gradnoise.studies.task import Task, builtin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "report"))
-
-
-def toy64(n=300, classes=3, seed=0) -> Task:
-    """A float64 toy classification task (so differences of weights are exact enough)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
-    w = torch.randn(6, classes, generator=g, dtype=torch.float64)
-    y = (x @ w + 0.5 * torch.randn(n, classes, generator=g, dtype=torch.float64)).argmax(1)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, classes)).double()
-    return Task("toy64", model, x, y, F.cross_entropy)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +90,7 @@ def test_the_report_section_of_a_real_run(tiny_run, tmp_path):
     assert verdict and verdict in " ".join(page.visible)
 
 
-def test_the_same_seed_gives_the_same_numbers(tmp_path):
+def test_the_same_seed_gives_the_same_numbers(tmp_path, toy64):
     task = toy64()
     cfg = replace(online.OnlineConfig.for_size("tiny"), phases=3, phase_samples=40, eval_every=20, window=8,
                   minibatch=4, seeds=1, methods=["sgd1", "avg"])
@@ -124,7 +111,7 @@ def _state(m):
 
 
 @pytest.mark.parametrize("key", ["sgd1", "adam", "avg"])
-def test_update_draws_leave_the_run_unchanged(key):
+def test_update_draws_leave_the_run_unchanged(key, toy64):
     task = toy64()
     cfg = online.OnlineConfig()
     order = torch.randint(0, task.size, (60,), generator=torch.Generator().manual_seed(1))
@@ -144,7 +131,7 @@ def test_update_draws_leave_the_run_unchanged(key):
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
-def test_update_draws_from_an_empty_adam_state_leave_no_state_behind():
+def test_update_draws_from_an_empty_adam_state_leave_no_state_behind(toy64):
     task = toy64()
     m = online.Method("adam", task, online.OnlineConfig())
     online.update_draws(m, task, task.x[:5], task.y[:5])
@@ -154,7 +141,7 @@ def test_update_draws_from_an_empty_adam_state_leave_no_state_behind():
 
 
 @pytest.mark.parametrize("key", ["sgd1", "avg"])
-def test_update_draws_agree_with_the_window_estimates(key):
+def test_update_draws_agree_with_the_window_estimates(key, toy64):
     """SGD's update over a window sample is −lr·g_i, the average's (θ_n − θ̄_n − lr·g_i)/(n+1):
     the draws' noise is lr²·tr(Σ) (over (n+1)² for the average), from the very same samples."""
     task = toy64()
@@ -172,7 +159,7 @@ def test_update_draws_agree_with_the_window_estimates(key):
         assert signal == pytest.approx(scale * w.grad_sq_norm, rel=1e-6, abs=1e-12)
 
 
-def test_the_stream_has_the_described_class_proportions():
+def test_the_stream_has_the_described_class_proportions(toy64):
     task = toy64(n=300, classes=3)
     classes = [0, 1, 2]
     cfg = replace(online.OnlineConfig(), phases=3, phase_samples=6000, focus=0.7)
@@ -208,14 +195,14 @@ def test_groups_are_consecutive_and_balanced():
     (dict(adam_lr=math.nan), "adam_lr"), (dict(minibatch_lr=-1.0), "minibatch_lr"), (dict(seeds=0), "seeds"),
     (dict(phase_samples=60.0), "integer"),
 ])
-def test_bad_configs_raise(tmp_path, change, match):
+def test_bad_configs_raise(tmp_path, change, match, toy64):
     cfg = replace(online.OnlineConfig(), **{**dict(phases=3, phase_samples=40, eval_every=40), **change})
     with pytest.raises(ValueError, match=match):
         online.run(toy64(), tmp_path, config=cfg, quiet=True)
     assert not (tmp_path / "online-toy64.jsonl").exists()
 
 
-def test_labels_that_are_not_classes_raise(tmp_path):
+def test_labels_that_are_not_classes_raise(tmp_path, toy64):
     task = toy64()
     soft = Task("soft", task.model, task.x, task.y.double(), task.loss_fn)
     with pytest.raises(ValueError, match="integer class labels"):
