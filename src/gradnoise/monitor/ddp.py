@@ -37,7 +37,31 @@ def allreduce_counts(process_group=None):
     return reduce
 
 
-class DdpSource:
+class RankSteps:
+    """A step's life for a source whose groups are ranks: its hooks record only while
+    ``_live``; ``counter`` (a :class:`SampleCounter`) counts this rank's samples."""
+
+    counter: SampleCounter
+    _live: bool = False
+
+    def _start(self) -> None:
+        self._live = True
+        self.counter.take()
+        self.counter.live = True
+
+    def discard(self) -> None:
+        self._live = False
+        self.counter.live = False
+        self.counter.take()
+
+    def _stop(self, samples: Samples) -> int:
+        """Stop recording; this rank's sample count of the step."""
+        self._live = False
+        self.counter.live = False
+        return sum(_resolve(self.counter.take(), samples, "ddp source"))
+
+
+class DdpSource(RankSteps):
     """Groups are ranks: each rank's local gradient (all its micro-batches of the step),
     read in a DDP communication hook before the all-reduce, against the all-reduced one."""
 
@@ -70,19 +94,11 @@ class DdpSource:
         return allreduce_hook(self.group, bucket)
 
     def begin(self) -> None:
-        self._live, self._local = True, {}
-        self.counter.take()
-        self.counter.live = True
-
-    def discard(self) -> None:
-        self._live = False
-        self.counter.live = False
-        self.counter.take()
+        self._local = {}
+        self._start()
 
     def end(self, samples: Samples) -> Optional[Moments]:
-        self._live = False
-        self.counter.live = False
-        b = sum(_resolve(self.counter.take(), samples, "ddp source"))
+        b = self._stop(samples)
         names = [n for n, p in self.params.items() if id(p) in self._local and p.grad is not None]
         if not names:
             return None

@@ -33,9 +33,9 @@ from torch import nn
 
 from ..capture.fsdp import fsdp_params, local_shard
 from ..errors import GradNoiseError
-from .ddp import allreduce_counts
+from .ddp import RankSteps, allreduce_counts
 from .moments import Moments
-from .sources import MicrobatchSource, PerSampleSource, SampleCounter, Samples, _resolve, sq_norm, trainable
+from .sources import MicrobatchSource, PerSampleSource, SampleCounter, Samples, sq_norm, trainable
 
 
 class Sharding:
@@ -142,7 +142,7 @@ class FsdpPerSampleSource(PerSampleSource):
         return Moments(m.names, m.group_sq, mean_sq, m.batch_size, m.n_groups, m.combo_factor)
 
 
-class FsdpDdpSource:
+class FsdpDdpSource(RankSteps):
     """Groups are ranks: each rank's unsharded gradient of the step, as FSDP2
     reduce-scatters it, against the reduced one."""
 
@@ -183,19 +183,11 @@ class FsdpDdpSource:
             self._local[name] = self._pending.pop(name)
 
     def begin(self) -> None:
-        self._live, self._pending, self._local, self._before, self._twice = True, {}, {}, {}, None
-        self.counter.take()
-        self.counter.live = True
-
-    def discard(self) -> None:
-        self._live = False
-        self.counter.live = False
-        self.counter.take()
+        self._pending, self._local, self._before, self._twice = {}, {}, {}, None
+        self._start()
 
     def end(self, samples: Samples) -> Optional[Moments]:
-        self._live = False
-        self.counter.live = False
-        b = sum(_resolve(self.counter.take(), samples, "ddp source"))
+        b = self._stop(samples)
         if self._twice is not None:
             raise GradNoiseError(
                 f"source='ddp' under FSDP2: '{self._twice}' was reduce-scattered twice in one step, so "
