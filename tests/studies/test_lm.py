@@ -1,7 +1,6 @@
 """Study ``lm``: the tiny run, the LayerNorm-only noise scale against the float64 oracle,
 the growth and agreement summaries, the warm-up and bad input."""
 import json
-import math
 
 import pytest
 import torch
@@ -94,6 +93,12 @@ def test_held_out_loss_is_the_token_mean(tmp_path):
     ({"large_batch": 64}, "at most half"),
     ({"base_batch": 8, "large_batch": 4}, "base_batch ≤ large_batch"),
     ({"every": 4, "eval_every": 2}, "every"),
+    ({"max_examples": 0}, "max_examples must be"),
+    ({"adjust_every": 2.5}, "adjust_every must be"),
+    ({"adam_lr": float("nan")}, "adam_lr must be"),
+    ({"target_loss": -1.0}, "target_loss must be"),
+    ({"beta": 1.0}, "beta must be"),
+    ({"eval_windows": 47}, "leaves 1 of the 48"),
 ])
 def test_bad_options_are_refused(tmp_path, change, match):
     base = dict(batch_size=4, steps=2, eval_every=2, eval_windows=8, base_batch=2, large_batch=4, max_batch=8)
@@ -107,7 +112,7 @@ def test_a_classification_task_or_a_reached_target_is_refused(tmp_path, toy):
     with pytest.raises(ValueError, match="token ids"):
         lm.run(toy, tmp_path, size="tiny", quiet=True)
     cfg = lm.LmConfig(batch_size=4, steps=2, eval_every=2, eval_windows=8, base_batch=2, large_batch=4,
-                      max_batch=8, target_loss=math.inf)
+                      max_batch=8, target_loss=100.0)
     with pytest.raises(ValueError, match="already at or below the target"):
         lm.run(small_task(), tmp_path, config=cfg, quiet=True)
 

@@ -85,9 +85,19 @@ def check(task: Task, cfg: LmConfig) -> None:
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     train = task.size - cfg.eval_windows
-    for name in ("batch_size", "steps", "every", "eval_every", "eval_windows", "base_batch", "seeds"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be ≥ 1, got {getattr(cfg, name)}")
+    for name in ("batch_size", "steps", "every", "eval_every", "eval_windows", "base_batch", "large_batch", "max_batch",
+                 "max_examples", "eval_every_examples", "adjust_every", "seeds"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a whole number ≥ 1, got {v!r}")
+    for name in ("adam_lr", "target_loss"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    if not 0.0 <= cfg.beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {cfg.beta}")
+    if train < 2:
+        raise ValueError(f"eval_windows ({cfg.eval_windows}) leaves {train} of the {task.size} sequences to train on")
     if max(cfg.batch_size, cfg.large_batch, cfg.max_batch) > train // 2:
         raise ValueError(f"the batches ({cfg.batch_size}, {cfg.large_batch}, {cfg.max_batch}) must be at most half "
                          f"the {train} training sequences")
