@@ -1,6 +1,7 @@
 """Study ``lm``: the tiny run, the LayerNorm-only noise scale against the float64 oracle,
 the growth and agreement summaries, the warm-up and bad input."""
 import json
+import math
 
 import pytest
 import torch
@@ -124,3 +125,23 @@ def test_a_missed_target_is_counted_not_averaged(tmp_path):
     for m in s["methods"].values():
         assert m["reached"] == 0 and m["runs"] == cfg.seeds and m["steps"]["mean"] is None
     assert "target missed" in lm.summary_line(s)
+
+
+def test_an_unbounded_interval_stays_one_sided_in_the_file_and_on_the_page(tmp_path):
+    """Early on the smoothed B_simple's interval has no upper end: the file must say
+    "inf" (not null, which would read as undefined), the page "≥ low"."""
+    from types import SimpleNamespace
+
+    from gradnoise.formats import read_study
+    from gradnoise.report.lm_section import _growth_table
+
+    point = {"step": 2, "tokens": 64, "loss": 3.0,
+             "b_simple": lm._b(SimpleNamespace(b_simple=5.0), (2.0, math.inf)), "ln_b_simple": [None] * 3}
+    assert point["b_simple"] == [5.0, 2.0, math.inf]
+    with StudyWriter(tmp_path, "lm", "t", 0, "test", {}) as w:
+        w.write("summary", growth=lm.growth([point], 64))
+    _, rows = read_study(w.path)
+    summary = rows[-1]
+    assert summary["growth"]["last"]["interval"] == [2.0, "inf"]
+    assert "5 (95 % interval ≥ 2)" in _growth_table(summary)
+    assert lm._b(SimpleNamespace(b_simple=math.nan), (math.nan, math.nan))[0] is None

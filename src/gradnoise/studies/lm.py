@@ -125,7 +125,9 @@ def held_out_loss(model, task: Task, test: torch.Tensor, chunk: int = 128) -> fl
 
 
 def _b(stats, interval) -> List[Optional[float]]:
-    return [num(stats.b_simple), num(interval[0]), num(interval[1])]
+    """``[B_simple, low, high]``: an undefined value is None; an unbounded end stays
+    ``inf`` (written ``"inf"``: the interval is one-sided, not missing)."""
+    return [num(stats.b_simple), float(interval[0]), float(interval[1])]
 
 
 def trajectory(task: Task, cfg: LmConfig, train, test, seed: int, w: StudyWriter, progress) -> List[Dict[str, Any]]:
