@@ -172,21 +172,23 @@ def test_dropout_in_training_mode_is_measured_with_its_mask():
     torch.testing.assert_close(cap.per_sample_sq_norms["w"], expected, rtol=1e-5, atol=1e-8)
 
 
-def test_parameter_meeting_data_without_a_sample_dimension_names_it():
-    """Seq-first data [T, B, d] (T not a multiple of B) meets a parameter: which sample
-    uses which row cannot be told, and the error names the parameter, the op and why."""
-    class SeqFirst(nn.Module):
+def test_parameter_meeting_data_whose_samples_were_lost_names_it():
+    """Data re-read by a reshape that splits each sample across rows meets a parameter:
+    which sample uses which row cannot be told, and the error names the parameter, the op
+    and the call that lost the samples. (Seq-first data reached by a transpose is exact:
+    tests/capture/test_samples.py.)"""
+    class Lost(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(4, 4)
             self.pos = nn.Parameter(torch.zeros(3, 1, 4))
 
-        def forward(self, x):  # x [B, T, d] -> [T, B, d]
-            return self.fc(x).transpose(0, 1) + self.pos
+        def forward(self, x):  # x [B, T, d] read as [T, B, d] without a transpose
+            return self.fc(x).reshape(x.shape[1], x.shape[0], -1) + self.pos
 
-    model = SeqFirst()
+    model = Lost()
     x = torch.randn(5, 3, 4)
-    with pytest.raises(UnsupportedUseError, match=r"'pos'.*leading dimension 3 is neither the batch size 5"):
+    with pytest.raises(UnsupportedUseError, match=r"'pos'.*cannot locate.*reshape"):
         with gradnoise.capture(model):
             model(x).pow(2).mean().backward()
 

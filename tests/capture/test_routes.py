@@ -1,53 +1,49 @@
-"""Every route and chunking branch, forced, against the float64 oracle: the Linear
-sequence rule's Gram and materialised routes, conv and Linear chunks of one and two
-samples, folded rows, and the automatic route choice itself."""
+"""Every route and chunking branch, forced, against the float64 oracle: the factored
+forms' Gram and materialised routes (Linear, convolutions), chunks of one and two
+samples, folded rows, the grouped-convolution way of materialising, and the automatic
+route choice itself."""
+from collections import Counter
+
 import pytest
 import torch
 
 import gradnoise
 import reference as R
-from gradnoise.capture import linear
+from gradnoise.capture import conv
+from gradnoise.capture.conv import ConvForm
+from gradnoise.capture.forms import Factored
 from gradnoise.capture.site import Policy
-from gradnoise.capture.store import SampleStore
+from gradnoise.capture.store import route
 from problems import BY_NAME
 
 SEQUENCE = ["linear_seq", "linear_seq2d", "mha_self_batch_first", "mha_cross_kdim_vdim",
             "transformer_encoder_layer", "param_matmul", "linear_twice"]
-CONV = ["conv1d", "conv1d_stride_pad", "conv2d_groups2", "conv2d_same", "conv2d_dilation2", "conv2d_nobias", "conv3d"]
+CONV = ["conv1d", "conv1d_stride_pad", "conv2d_groups2", "conv2d_same", "conv2d_dilation2", "conv2d_nobias",
+        "conv3d", "conv_transpose2d"]
 B = 5
 
 
+def _count(monkeypatch, seen: Counter, cls, *methods):
+    for meth in methods:
+        real = getattr(cls, meth)
+
+        def wrapped(self, *a, _real=real, _key=f"{cls.__name__}.{meth}"):
+            seen[_key] += 1
+            return _real(self, *a)
+        monkeypatch.setattr(cls, meth, wrapped)
+
+
 def _run(name, policy, monkeypatch):
-    """Norms of problem ``name`` under ``policy``, the oracle's, and what ran: the
-    routes taken and the chunk starts handed to the store."""
-    seen = {"materialise": 0, "gram": 0, "starts": set()}
-    real_mat, real_add, real_grads = linear._materialised, SampleStore.add_sq_norms, SampleStore.add_grads
-
-    def materialised(site, a, d):
-        seen["materialise"] += 1
-        return real_mat(site, a, d)
-
-    def add_sq_norms(self, param, sq, n, start=0):
-        seen["starts"].add(start)
-        return real_add(self, param, sq, n, start)
-
-    def add_grads(self, param, grads, view, n, start=0):
-        seen["starts"].add(start)
-        return real_grads(self, param, grads, view, n, start)
-
-    monkeypatch.setattr(linear, "_materialised", materialised)
-    monkeypatch.setattr(SampleStore, "add_sq_norms", add_sq_norms)
-    monkeypatch.setattr(SampleStore, "add_grads", add_grads)
+    """Norms of problem ``name`` under ``policy``, the oracle's, and which form methods ran."""
+    seen = Counter()
+    _count(monkeypatch, seen, Factored, "materialise", "gram_sq_norms", "slice")
+    _count(monkeypatch, seen, ConvForm, "materialise", "gram_sq_norms", "slice")
     problem = BY_NAME[name]
     model, x, y = problem.build(B, torch.float64)
     loss_fn = problem.make_loss("mean")
-    real_bmm = torch.bmm
-    calls = []
-    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
     with gradnoise.capture.Capture(model, policy=policy) as cap:
         loss_fn(R.call(model, x), y).backward()
     monkeypatch.undo()
-    seen["gram"] = len(calls) > 0 and seen["materialise"] == 0
     return cap.per_sample_sq_norms, R.per_sample_sq_norms(model, loss_fn, x, y), seen
 
 
@@ -58,34 +54,34 @@ def _assert_match(got, want):
 
 
 @pytest.mark.parametrize("name", SEQUENCE)
-@pytest.mark.parametrize("route", ["gram", "materialise"])
+@pytest.mark.parametrize("route_", ["gram", "materialise"])
 @pytest.mark.parametrize("chunk", [None, 1, 2])
-def test_linear_routes_and_chunks(name, route, chunk, monkeypatch):
-    got, want, seen = _run(name, Policy(route, chunk), monkeypatch)
+def test_linear_routes_and_chunks(name, route_, chunk, monkeypatch):
+    got, want, seen = _run(name, Policy(route_, chunk), monkeypatch)
     _assert_match(got, want)
-    if name in ("linear_seq", "linear_seq2d", "transformer_encoder_layer") and route == "materialise":
-        assert seen["materialise"] > 0
-        assert (max(seen["starts"]) > 0) == (chunk is not None)
-    if name in ("linear_seq", "linear_seq2d") and route == "gram":
-        assert seen["materialise"] == 0 and seen["gram"]
+    other = "gram_sq_norms" if route_ == "materialise" else "materialise"
+    assert seen["Factored." + ("materialise" if route_ == "materialise" else "gram_sq_norms")] > 0
+    if name in ("linear_seq", "linear_seq2d"):
+        assert seen["Factored." + other] == 0
+    assert (seen["Factored.slice"] > 0) == (chunk is not None)
 
 
 @pytest.mark.parametrize("name", CONV)
-@pytest.mark.parametrize("route", ["gram", "materialise"])
+@pytest.mark.parametrize("route_", ["gram", "materialise"])
 @pytest.mark.parametrize("chunk", [None, 1, 2])
-def test_conv_routes_and_chunks(name, route, chunk, monkeypatch):
-    got, want, seen = _run(name, Policy(route, chunk), monkeypatch)
+def test_conv_routes_and_chunks(name, route_, chunk, monkeypatch):
+    got, want, seen = _run(name, Policy(route_, chunk), monkeypatch)
     _assert_match(got, want)
-    assert (max(seen["starts"]) > 0) == (chunk is not None)
+    taken = "materialise" if route_ == "materialise" or name == "conv3d" else "gram_sq_norms"
+    assert seen["ConvForm." + taken] > 0 and seen["ConvForm." + ("gram_sq_norms" if taken == "materialise" else "materialise")] == 0
+    assert (seen["ConvForm.slice"] > 0) == (chunk is not None)
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_depthwise_conv_takes_the_grouped_route(chunk, monkeypatch):
-    from gradnoise.capture import conv
-
     calls = []
-    real = conv._weight_grad_grouped
-    monkeypatch.setattr(conv, "_weight_grad_grouped", lambda *a: calls.append(1) or real(*a))
+    real = conv._grouped_weight_grads
+    monkeypatch.setattr(conv, "_grouped_weight_grads", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, groups=3), torch.nn.Flatten(), torch.nn.Linear(3 * 16, 2)).double()
     x, y = torch.randn(B, 3, 6, 6, dtype=torch.float64), torch.randint(0, 2, (B,))
@@ -96,11 +92,20 @@ def test_depthwise_conv_takes_the_grouped_route(chunk, monkeypatch):
     _assert_match(cap.per_sample_sq_norms, R.per_sample_sq_norms(model, torch.nn.functional.cross_entropy, x, y))
 
 
+def _factored(n, t, d_in, d_out):
+    return Factored(torch.zeros(n, t, d_out), torch.zeros(n, t, d_in), d_out)
+
+
 def test_automatic_route_choice():
-    """Small layers materialise (the weight gradient comes from the per-sample ones);
-    a wide layer whose chunks would hold one sample takes the Gram route."""
-    assert linear._materialise_cheaper(n=8, t=10, d_in=16, d_out=16)
-    assert not linear._materialise_cheaper(n=64, t=4, d_in=512, d_out=512)
+    """Small layers materialise when the weight gradient is wanted (it comes from the
+    per-sample ones); a wide layer whose chunks would hold one sample, or any layer whose
+    gradient autograd computes anyway, takes the Gram route; a long sequence through a
+    narrow layer materialises."""
+    assert route(_factored(8, 4, 16, 16), True, 0, None, None)[0] == "materialise"
+    assert route(_factored(8, 4, 16, 16), False, 0, None, None)[0] == "gram"
+    assert route(_factored(64, 4, 512, 512), True, 0, None, None)[0] == "gram"
+    assert route(_factored(4, 64, 4, 4), False, 0, None, None)[0] == "materialise"
+    assert route(_factored(8, 10, 16, 16), True, 0, "gram", 3) == ("gram", 3)
 
 
 def test_bad_route_is_refused():
@@ -154,8 +159,8 @@ def test_table_of_constant_ids_aligned_with_the_batch(monkeypatch):
     from gradnoise.capture import direct
 
     calls = []
-    real = direct.give_table
-    monkeypatch.setattr(direct, "give_table", lambda *a: calls.append(1) or real(*a))
+    real = direct.Lookup
+    monkeypatch.setattr(direct, "Lookup", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     model = TokenTypes().double()
     x, y = torch.randn(B, 5, 4, dtype=torch.float64), torch.randint(0, 2, (B,))

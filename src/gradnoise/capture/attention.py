@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedUseError
 from .args import bind
+from .layout import Layout
 from .linear import apply_linear
 
 _NAMES = (
@@ -49,20 +50,22 @@ def handle_mha(cap, func, args, kwargs):
             "is not supported by gradnoise's attention rule"
         )
     query, key, value = a["query"], a["key"], a["value"]
-    batched = query.dim() == 3
-    if not batched:
-        query, key, value = (t.unsqueeze(1) for t in (query, key, value))
-    # sample-first views, keeping "is" identity of shared inputs (self-attention)
+    if query.dim() != 3:
+        raise UnsupportedUseError("nn.MultiheadAttention on unbatched input (no sample dimension)")
+    q_lay = _batch_layout(cap, query)
+    # batch-first views, keeping "is" identity of shared inputs (self-attention)
     q_in = query.transpose(0, 1)
     k_in = q_in if key is query else key.transpose(0, 1)
     v_in = k_in if value is key else value.transpose(0, 1)
-    q, k, v = _in_projection(cap, a, q_in, k_in, v_in)
+    lays = (q_lay, q_lay if key is query else _batch_layout(cap, key), None)
+    lays = (lays[0], lays[1], lays[1] if value is key else _batch_layout(cap, value))
+    q, k, v = _in_projection(cap, a, (q_in, k_in, v_in), lays)
     n, t, e = q.shape
     heads = a["num_heads"]
     if e != a["embed_dim_to_check"] or e % heads:
         raise ValueError(f"embedding dimension {e} does not match {a['embed_dim_to_check']} / {heads} heads")
     q, k, v = (x.reshape(n, x.shape[1], heads, e // heads).transpose(1, 2) for x in (q, k, v))
-    mask, causal = _mask(a, n, heads, t, k.shape[2], q.dtype, batched)
+    mask, causal = _mask(a, n, heads, t, k.shape[2], q.dtype)
     p = a["dropout_p"] if a["training"] else 0.0
     weights = None
     if a["need_weights"]:
@@ -76,33 +79,50 @@ def handle_mha(cap, func, args, kwargs):
             weights = F.dropout(weights, p=p)
         o = torch.matmul(weights, v)
         weights = weights.mean(1) if a["average_attn_weights"] else weights
-        if not batched:
-            weights = weights.squeeze(0)
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None)
     o = o.transpose(1, 2).reshape(n, t, e)
-    y = apply_linear(cap, o, a["out_proj_weight"], a["out_proj_bias"]).transpose(0, 1)
-    return (y if batched else y.squeeze(1)), weights
+    y = apply_linear(cap, o, a["out_proj_weight"], a["out_proj_bias"], lays[0]).transpose(0, 1)
+    cap.record_layout(y, _seq_first(lays[0]))
+    if weights is not None:
+        cap.record_layout(weights, lays[0])
+    return y, weights
 
 
-def _in_projection(cap, a, q_in, k_in, v_in):
+def _batch_layout(cap, t: torch.Tensor) -> Layout:
+    """The layout of the batch-first view ``t.transpose(0, 1)`` of a sequence-first input:
+    the module's batch dimension 1 must hold the samples."""
+    lay, _ = cap.layout(t, "nn.MultiheadAttention")
+    if lay.dim != 1:
+        raise UnsupportedUseError(
+            f"nn.MultiheadAttention meets data whose samples lie on dim {lay.dim} of its "
+            "sequence-first input, not on its batch dimension: attention would mix samples"
+        )
+    return Layout(0, lay.outer, lay.inner)
+
+
+def _seq_first(lay: Layout) -> Layout:
+    return Layout(1, lay.outer, lay.inner)
+
+
+def _in_projection(cap, a, xs, lays):
     """``q, k, v`` ``[N, T|S, E]`` through the linear rule, as torch packs them."""
+    q_in, k_in, v_in = xs
     b = a["in_proj_bias"]
     if a["use_separate_proj_weight"]:
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
-        return (apply_linear(cap, q_in, a["q_proj_weight"], bq),
-                apply_linear(cap, k_in, a["k_proj_weight"], bk),
-                apply_linear(cap, v_in, a["v_proj_weight"], bv))
+        return tuple(apply_linear(cap, x, w, bi, lay) for x, w, bi, lay in
+                     zip(xs, (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]), (bq, bk, bv), lays))
     w = a["in_proj_weight"]
     e = q_in.shape[-1]
     if k_in is q_in and v_in is k_in:
-        return apply_linear(cap, q_in, w, b).chunk(3, dim=-1)
+        return apply_linear(cap, q_in, w, b, lays[0]).chunk(3, dim=-1)
     if v_in is k_in:
-        kv = apply_linear(cap, k_in, w[e:], None if b is None else b[e:]).chunk(2, dim=-1)
-        return (apply_linear(cap, q_in, w[:e], None if b is None else b[:e]), *kv)
+        kv = apply_linear(cap, k_in, w[e:], None if b is None else b[e:], lays[1]).chunk(2, dim=-1)
+        return (apply_linear(cap, q_in, w[:e], None if b is None else b[:e], lays[0]), *kv)
     ws = w.chunk(3)
     bs = (None, None, None) if b is None else b.chunk(3)
-    return tuple(apply_linear(cap, x, wi, bi) for x, wi, bi in zip((q_in, k_in, v_in), ws, bs))
+    return tuple(apply_linear(cap, x, wi, bi, lay) for x, wi, bi, lay in zip(xs, ws, bs, lays))
 
 
 def _as_float_mask(m: torch.Tensor, dtype) -> torch.Tensor:
@@ -111,7 +131,7 @@ def _as_float_mask(m: torch.Tensor, dtype) -> torch.Tensor:
     return m.to(dtype)
 
 
-def _mask(a, n, heads, t, s, dtype, batched):
+def _mask(a, n, heads, t, s, dtype):
     """Additive mask broadcastable to ``[N, H, T, S]`` (or None) and the causal flag."""
     attn, kpm = a["attn_mask"], a["key_padding_mask"]
     causal = bool(a["is_causal"]) and attn is None
@@ -120,6 +140,6 @@ def _mask(a, n, heads, t, s, dtype, batched):
         attn = _as_float_mask(attn, dtype)
         mask = attn.view(1, 1, t, s) if attn.dim() == 2 else attn.view(n, heads, t, s)
     if kpm is not None:
-        kpm = _as_float_mask(kpm if batched else kpm.unsqueeze(0), dtype).view(n, 1, 1, s)
+        kpm = _as_float_mask(kpm, dtype).view(n, 1, 1, s)
         mask = kpm if mask is None else mask + kpm
     return mask, causal

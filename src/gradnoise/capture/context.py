@@ -27,7 +27,7 @@ from .direct import describe, handle_direct
 from .fsdp import fsdp_params, local_shard, whole_norms
 from .expression import Expr, ExprRef
 from .router import Router
-from .rules import ALWAYS, FUNCTION_RULES
+from .layout import Layout
 from .site import ParamRef, Policy, Site
 from .store import SampleStore
 from .tracking import Tracker
@@ -105,7 +105,7 @@ class Capture:
         self._before: Dict[str, torch.Tensor] = {}
         # which .grad each parameter holds now, and its version: untouched ones keep both
         self._grad_at_enter = {n: (p.grad, local_shard(p.grad)._version) for n, p in named if p.grad is not None}
-        self._router = Router(self, FUNCTION_RULES, ALWAYS)
+        self._router = Router(self)
         try:
             self._hooks = _modules.attach(self, self.model, self.rules)
             self._hooks += [m.register_forward_pre_hook(self._alias) for m in self.model.modules()
@@ -128,9 +128,10 @@ class Capture:
         finally:
             self._remove_hooks()
             self.tracker.clear()
-        self._state = "failed" if exc_type is not None else "closed"
+        self._state = "failed"
         if exc_type is None:
-            self._finish()
+            self._finish()  # raises on a failure: the capture stays "failed"
+            self._state = "closed"
         return False
 
     # ---- the router's lifetime -------------------------------------------------------
@@ -198,25 +199,34 @@ class Capture:
         return None
 
     def notable(self, t: torch.Tensor) -> bool:
-        """False for what needs no bookkeeping: data that requires grad, and constants."""
+        """False for what needs no bookkeeping: data that requires grad with its samples
+        on dim 0, and constants."""
         if self._lookup(t) is not None:
             return True
         tr = self.tracker
         if t.requires_grad:
-            return tr.exprs.get(t) is not None or tr.pooled.get(t) is not None
+            return tr.exprs.get(t) is not None or tr.pooled.get(t) is not None or tr.layouts.get(t) is not None
         return tr.kind(t) != "const"
 
-    def count_use(self, ref) -> None:
-        """One use of each parameter ``ref`` involves, in this forward pass."""
-        for p in ref.params:
-            self.store.add_use(p)
+    def site(self, refs: Dict[object, object], n: int, budget: int = 0) -> Site:
+        """A site for one call of a rule: ``refs`` by role (None: not measured), ``n``
+        samples, temporaries within ``budget`` elements."""
+        return Site(self.store, refs, n, budget, self.policy)
 
-    def site(self, weight=None, bias=None) -> Site:
-        """A site for one call, counting one use of each parameter it measures."""
-        for r in (weight, bias):
-            if r is not None:
-                self.count_use(r)
-        return Site(self.store, weight, bias, self.policy)
+    def layout(self, t: torch.Tensor, what: str):
+        """``(Layout, n)`` of data ``t`` that ``what`` computes with."""
+        return self.tracker.layout(t, what)
+
+    def record_layout(self, out, lay: Layout) -> None:
+        """A rule's outputs carry its input's samples as ``lay``."""
+        for o in out if isinstance(out, (list, tuple)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.tracker.record(o, lay, "a rule")
+
+    def copy_layout(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        rec = self.tracker.recorded(src)
+        if rec is not None:
+            self.tracker.layouts.add(dst, rec)
 
     def direct(self, func, args, kwargs):
         """Send a call to the direct-use rule (a rule's form it does not handle)."""
@@ -227,10 +237,6 @@ class Capture:
             if r is not None:
                 refs[i] = r
         return handle_direct(self, func, flat, spec, refs, describe(self, func, refs))
-
-    def samples(self, rows: int, what: str) -> int:
-        """Samples ``n`` of data with ``rows`` leading rows (``rows = k·n``)."""
-        return self.tracker.samples(rows, what)
 
     def record_expr(self, func, flat: list, spec, refs: dict, out) -> None:
         """Note the outputs of ``func`` (measured tensors and constants only) as

@@ -1,22 +1,29 @@
-"""Convolutions (1-, 2- and 3-D): per-sample weight gradients.
+"""Convolutions, 1- to 3-D, and transposed convolutions: per-sample weight gradients.
 
-1-D and 2-D: from the unfolded input, by batched matmul (materialised, the weight
-gradient is their sum) or by Gram matrices (norms only), whichever costs less
-(:func:`_weight_grad_unfolded`). 3-D and depthwise: by a grouped convolution, as
-follows. For input ``x`` ``[N, C_in, *S]`` and output gradient ``δ`` ``[N, C_out, *S']`` the
-per-sample weight gradient is the weight gradient of the convolution applied to sample
-``n`` alone. Folding the batch into the channel dimension (``[1, N·C_in, *S]``) and
-multiplying the groups by ``N`` turns all of them into one grouped weight-gradient
-convolution, whose result ``[N·C_out, C_in/groups, *k]`` is ``G_n`` for every sample.
-The layer's weight gradient is then ``Σ_n G_n`` (not computed a second time), the bias
-per-sample gradient is ``Σ_s δ_ns``. Samples are processed in chunks to bound memory.
+Kernel (:class:`ConvForm`): for input ``x`` ``[n·k, C_in, *S]`` (``k`` rows per sample,
+sample-major) and output gradient ``δ`` ``[n·k, C_out, *S']``, with ``U_n`` the unfolded
+patches of sample ``n`` (``[g, C_in/g·kernel, P]``, ``P`` output positions of its rows)::
+
+    G_n = δ_n U_nᵀ   per group                 (a factored form on unfolded patches)
+    ||G_n||² = Σ_{t,s} (u_t·u_s)(δ_t·δ_s)      Gram route, O(P²(C_in·kernel + C_out))
+
+materialised either by batched matrix products on the unfolded patches, or — for 3-D,
+depthwise and narrow layers — by one grouped weight-gradient convolution with the batch
+folded into the groups (``[1, c·C_in, *S]``, ``c·groups`` groups). The layer's weight
+gradient is ``Σ_n G_n`` when materialised, else the convolution's own weight gradient.
+
+A transposed convolution ``y = conv_transpose(x, W)`` is the input-gradient of a
+convolution with the same ``W``, so its weight gradient is that convolution's weight
+gradient with the roles swapped: input ``δ``, output gradient ``x`` (:class:`ConvForm`
+with ``x ← δ``, ``δ ← x``). Biases: ``g_n^b = Σ_s δ_ns``.
 
 String padding: ``"valid"`` is zero padding; ``"same"`` pads ``dilation·(k − 1)`` in
 total per dimension, the extra element on the right when it is odd (as torch does).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from dataclasses import dataclass, replace
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,141 +31,167 @@ import torch.nn.functional as F
 from ..errors import UnsupportedUseError
 from . import amp
 from .args import bind
-from .linear import chunk_size
-from .site import Site, sq_norms
+from .forms import Dense
+from .layout import Layout, to_samples
+from .site import Site
+from .store import chunk_size
 
 _conv_backward = torch.ops.aten.convolution_backward
 
 
-class ConvFn(torch.autograd.Function):
-    """An N-d convolution whose backward also hands per-sample results to a site."""
+@dataclass(frozen=True)
+class ConvForm:
+    """Per-sample weight gradients of a convolution (see the module docstring); ``conf``
+    is ``(stride, padding, dilation, groups)``; ``grouped`` picks the grouped-convolution
+    way of materialising."""
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, site: Site, n: int):
-        ctx.save_for_backward(x, weight)
-        ctx.conf = (list(stride), list(padding), list(dilation), groups)
-        ctx.site, ctx.has_bias, ctx.n = site, bias is not None, n
-        return torch.ops.aten.convolution(x, weight, bias, *ctx.conf[:3], False, [0] * len(stride), groups)
+    x: torch.Tensor
+    gy: torch.Tensor
+    weight_shape: Tuple[int, ...]
+    conf: tuple
+    k: int = 1
+    grouped: bool = False
 
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conf
-        site: Site = ctx.site
-        n, zeros = ctx.n, [0] * len(stride)
-        k = x.shape[0] // n  # rows per sample (sample-major)
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _conv_backward(gy, x, weight, None, stride, padding, dilation, False, zeros, groups, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            # the grouped route is slow only when it needs many small chunks (wide
-            # layers); depthwise layers would unfold to kernel× the input for tiny matmuls
-            grouped_step = chunk_size(n, k * weight.numel(), x.numel() // 8)
-            if len(stride) <= 2 and (site.policy.route is not None
-                                     or (weight.shape[1] > 1 and grouped_step < min(n, 8))):
-                gw = _weight_grad_unfolded(site, x, gy, weight, ctx.conf, n)
-            else:
-                gw = _weight_grad_grouped(site, x, gy, weight, ctx.conf, n)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            per = gy.flatten(2).sum(2).view(n, k, -1).sum(1)  # [N, C_out]
-            site.give(site.bias, lambda: sq_norms(per), lambda: per, n)
-            gb = per.sum(0)
-        return gx, gw, gb, None, None, None, None, None, None
+    @property
+    def n(self) -> int:
+        return self.x.shape[0] // self.k
 
+    @property
+    def has_gram(self) -> bool:
+        return len(self.weight_shape) <= 4
 
-def _weight_grad_grouped(site: Site, x, gy, weight, conf, n: int) -> torch.Tensor:
-    """3-D, depthwise and narrow convolutions: per-sample ``G_n`` by one grouped
-    weight-gradient convolution per chunk (the batch folded into the groups); returns
-    ``Σ_n G_n``."""
-    stride, padding, dilation, groups = conf
-    k = x.shape[0] // n
-    gw = None
-    step = site.policy.chunk(chunk_size(n, k * weight.numel(), x.numel() // 8))
-    for lo in range(0, n, step):
-        rows = slice(lo * k, (lo + step) * k)
-        g = _per_sample_weight_grads(x[rows], gy[rows], weight, stride, padding, dilation, groups)
-        if k > 1:
-            g = g.view(-1, k, *weight.shape).sum(1)
-        site.give(site.weight, lambda g=g: sq_norms(g.flatten(1)), lambda g=g: g, n, lo)
-        part = g.sum(0)
-        gw = part if gw is None else gw.add_(part)
-        del g, part  # free this chunk before the next one is allocated
-    return gw
+    def slice(self, lo: int, hi: int) -> "ConvForm":
+        k = self.k
+        return replace(self, x=self.x[lo * k: hi * k], gy=self.gy[lo * k: hi * k])
 
+    def factor_dims(self) -> Tuple[int, int, int]:
+        """``(T, R, C)`` per group: positions, output channels, input channels × kernel."""
+        g = self.conf[3]
+        kernel = _prod(self.weight_shape[2:])
+        return self.k * _prod(self.gy.shape[2:]), self.weight_shape[0] // g, self.weight_shape[1] * kernel
 
-def _weight_grad_unfolded(site: Site, x, gy, weight, conf, n: int) -> torch.Tensor:
-    """1-D and 2-D convolutions from the unfolded input ``U_n`` ``[g, C_in/g·k, P]`` (``P``
-    output positions of all rows of sample ``n``) and ``δ_n`` ``[g, C_out/g, P]``:
+    def chunk_cost(self, route: str) -> int:
+        """Elements one sample needs on ``route`` (unfolded factors included)."""
+        t, r, c = self.factor_dims()
+        g = self.conf[3]
+        if route == "materialise" and self.grouped:
+            # the grouped convolution's scratch grows with the kernel: this keeps the chunks
+            # of one eighth of the input that measured peaks of 1.06-1.07x on the zoo
+            return 8 * g * r * c * self.k * _prod(self.weight_shape[2:])
+        if route == "materialise":
+            return g * r * c + g * t * (r + c)
+        return g * (2 * t * t + t * (r + c))
 
-    * materialised: ``G_n = δ_n U_nᵀ`` by batched matmul; the weight gradient is
-      ``Σ_n G_n``;
-    * Gram: ``||G_n||² = Σ_{t,s} (u_t·u_s)(δ_t·δ_s)`` per group, ``O(P²(C_in k + C_out))``
-      on top of the ordinary weight gradient: far cheaper where ``P`` is small against
-      the channels (late CNN stages).
+    def elements(self) -> int:
+        t, r, c = self.factor_dims()
+        return self.conf[3] * t * (r + c)
 
-    Samples are unfolded chunk by chunk (memory bounded as for Linear). The route is
-    the cheaper by the same rule as Linear's, unless the policy forces it."""
-    groups = conf[3]
-    k = x.shape[0] // n
-    d_in, d_out, t = weight[0].numel(), weight.shape[0] // groups, k * gy[0, 0].numel()
-    route = site.policy.route
-    if route is None:
-        step = chunk_size(n, weight.numel(), x.numel())
-        route = "materialise" if step >= min(n, 8) or t * (d_in + d_out) > d_in * d_out else "gram"
-    ref = site.weight
-    materialise = ref is not None and (site.wants_grads(ref) or route == "materialise")
-    per_sample = groups * d_in * t + (weight.numel() if materialise else groups * t * t)
-    # budget: the size of the whole unfolded input (what an im2col convolution holds)
-    step = site.policy.chunk(chunk_size(n, per_sample, x.numel() * weight[0, 0].numel()))
-    gw = None
-    for lo in range(0, n, step):
-        rows = slice(lo * k, (lo + step) * k)
-        u, d = _unfold(x[rows], gy[rows], weight, conf, k)  # [c·g, C·k/g, P], [c·g, C_out/g, P]
-        c = u.shape[0] // groups
-        if materialise:
-            g = torch.bmm(d, u.transpose(1, 2)).view(c, *weight.shape)
-            site.give(ref, lambda g=g: sq_norms(g.flatten(1)), lambda g=g: g, n, lo)
-            part = g.sum(0)
-            gw = part if gw is None else gw.add_(part)
-            del g, part
-        elif ref is not None:
-            gram = torch.bmm(u.transpose(1, 2), u).mul_(torch.bmm(d.transpose(1, 2), d))
-            sq = gram.sum((1, 2)).view(c, groups).sum(1)
-            site.give(ref, lambda sq=sq: sq, lambda: None, n, lo)
-        del u, d
-    if materialise:
-        return gw
-    stride, padding, dilation, _ = conf
-    return _conv_backward(gy, x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
-                          [False, True, False])[1]
+    def gram_sq_norms(self) -> torch.Tensor:
+        u, d = _unfold(self.x, self.gy, self.weight_shape, self.conf, self.k)
+        gram = torch.bmm(u.transpose(1, 2), u).mul_(torch.bmm(d.transpose(1, 2), d))
+        return gram.sum((1, 2)).view(self.n, self.conf[3]).sum(1).to(torch.float64 if u.dtype == torch.float64 else torch.float32)
+
+    def materialise(self) -> torch.Tensor:
+        """``G_n`` ``[n, *weight_shape]``."""
+        if self.grouped or not self.has_gram:
+            g = _grouped_weight_grads(self.x, self.gy, self.weight_shape, self.conf)
+            return g.view(-1, self.k, *self.weight_shape).sum(1) if self.k > 1 else g
+        u, d = _unfold(self.x, self.gy, self.weight_shape, self.conf, self.k)
+        return torch.bmm(d, u.transpose(1, 2)).view(self.n, *self.weight_shape)
+
+    def total(self) -> torch.Tensor:
+        stride, padding, dilation, groups = self.conf
+        w = self.x.new_empty(()).expand(self.weight_shape)  # shape only
+        return _conv_backward(self.gy, self.x, w, None, stride, padding, dilation, False,
+                              [0] * len(stride), groups, [False, True, False])[1]
 
 
-def _unfold(x, gy, weight, conf, k: int):
+def _prod(s) -> int:
+    out = 1
+    for v in s:
+        out *= v
+    return out
+
+
+def _unfold(x, gy, weight_shape, conf, k: int):
     """Unfolded input ``[c·g, C_in/g·kernel, k·P]`` and output gradient
-    ``[c·g, C_out/g, k·P]`` of ``c`` samples (``k`` rows each, side by side)."""
+    ``[c·g, C_out/g, k·P]`` of ``c`` samples (``k`` rows each, side by side); 1-D and 2-D."""
     stride, padding, dilation, groups = conf
     x2, gy2 = (x, gy) if x.dim() == 4 else (x.unsqueeze(2), gy.unsqueeze(2))
-    kernel = weight.shape[2:] if weight.dim() == 4 else (1, weight.shape[2])
+    kernel = weight_shape[2:] if len(weight_shape) == 4 else (1, weight_shape[2])
     two = lambda v, pad=1: list(v) if len(v) == 2 else [pad, v[0]]  # noqa: E731
     u = F.unfold(x2, kernel, dilation=two(dilation), padding=two(padding, 0), stride=two(stride))
-    c, pos, c_out = x.shape[0] // k, u.shape[2], weight.shape[0]
+    c, pos, c_out = x.shape[0] // k, u.shape[2], weight_shape[0]
     u = u.view(c, k, groups, -1, pos).permute(0, 2, 3, 1, 4).reshape(c * groups, -1, k * pos)
     d = gy2.reshape(c, k, groups, c_out // groups, pos).permute(0, 2, 3, 1, 4).reshape(c * groups, c_out // groups, k * pos)
     return u, d
 
 
-def _per_sample_weight_grads(x, gy, weight, stride, padding, dilation, groups) -> torch.Tensor:
-    """``G_n`` ``[c, C_out, C_in/groups, *k]`` for a chunk of ``c`` samples."""
-    c = x.shape[0]
-    c_out = weight.shape[0]
-    folded_w = weight.new_empty(()).expand(c * c_out, *weight.shape[1:])  # shape only
+def _grouped_weight_grads(x, gy, weight_shape, conf) -> torch.Tensor:
+    """``G`` of every row ``[rows, C_out, C_in/groups, *kernel]``: one grouped
+    weight-gradient convolution with the rows folded into the groups."""
+    stride, padding, dilation, groups = conf
+    c, c_out = x.shape[0], weight_shape[0]
+    folded_w = x.new_empty(()).expand(c * c_out, *weight_shape[1:])  # shape only
     g = _conv_backward(
         gy.reshape(1, c * c_out, *gy.shape[2:]),
         x.reshape(1, c * x.shape[1], *x.shape[2:]),
         folded_w, None, stride, padding, dilation, False, [0] * len(stride), c * groups,
         [False, True, False],
     )[1]
-    return g.view(c, *weight.shape)
+    return g.view(c, *weight_shape)
+
+
+def _bias_form(gy: torch.Tensor, n: int) -> Dense:
+    """``g_n^b = Σ δ_n`` over positions and rows: ``[n, C_out]``."""
+    return Dense(gy.flatten(2).sum(2).view(n, -1, gy.shape[1]).sum(1))
+
+
+def _sample_major(t: torch.Tensor, lay: Layout, n: int) -> torch.Tensor:
+    """Rows of ``t`` (samples on dim 0) ordered sample by sample."""
+    return t if lay.outer == 1 else to_samples(t, lay, n).flatten(0, 1)
+
+
+class ConvFn(torch.autograd.Function):
+    """A convolution (``transposed``: a transposed one) whose backward hands the per-sample
+    forms to its site and returns the weight gradient the store sums from them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conf, out_pad, transposed: bool, site: Site, lay: Layout):
+        ctx.save_for_backward(x, weight)
+        ctx.conf, ctx.out_pad, ctx.transposed = conf, out_pad, transposed
+        ctx.site, ctx.lay, ctx.has_bias = site, lay, bias is not None
+        stride, padding, dilation, groups = conf
+        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, transposed, out_pad, groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        site: Site = ctx.site
+        n, lay = site.n, ctx.lay
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _conv_backward(gy, x, weight, None, stride, padding, dilation, ctx.transposed, ctx.out_pad,
+                                groups, [True, False, False])[0]
+        xs, ds = _sample_major(x, lay, n), _sample_major(gy, lay, n)
+        k = x.shape[0] // n
+        if ctx.needs_input_grad[1] or "weight" in site:
+            src, dst = (ds, xs) if ctx.transposed else (xs, ds)
+            form = ConvForm(src, dst, tuple(weight.shape), ctx.conf, k, _grouped(site, src, weight, n, k))
+            gw = site.give("weight", form, want_sum=ctx.needs_input_grad[1])
+        if ctx.has_bias and (ctx.needs_input_grad[2] or "bias" in site):
+            gb = site.give("bias", _bias_form(ds, n), want_sum=ctx.needs_input_grad[2])
+        return gx, gw, gb, None, None, None, None, None
+
+
+def _grouped(site: Site, x: torch.Tensor, weight: torch.Tensor, n: int, k: int) -> bool:
+    """Materialise by the grouped convolution (3-D, depthwise, or narrow layers whose
+    chunks would still hold ≥ 8 samples) rather than on unfolded patches."""
+    if site.policy.route is not None:
+        return weight.dim() > 4
+    step = chunk_size(n, k * weight.numel(), x.numel() // 8)
+    return weight.dim() > 4 or weight.shape[1] == 1 or step >= min(n, 8)
 
 
 def _ntuple(v, d: int) -> List[int]:
@@ -183,6 +216,30 @@ def _explicit_padding(x, padding, kernel: Sequence[int], dilation: List[int]):
     return F.pad(x, pads), [0] * d
 
 
+def _apply(cap, x, weight, bias, conf, out_pad, transposed: bool, what: str):
+    wref, bref = cap.ref(weight), cap.ref(bias)
+    d = weight.dim() - 2
+    if x.dim() != d + 2:
+        raise UnsupportedUseError(
+            f"{what} on an unbatched input of shape {tuple(x.shape)} (parameter "
+            f"'{cap.name_of((wref or bref).params[0])}'): per-sample gradients need a "
+            "leading sample dimension"
+        )
+    lay, n = cap.layout(x, what)
+    if lay.dim != 0:
+        raise UnsupportedUseError(f"{what} meets data whose samples lie on dim {lay.dim}, "
+                                  "not on the batch dimension 0 of the convolution")
+    kernel = _prod(weight.shape[2:])
+    site = cap.site({"weight": wref, "bias": bref}, n, budget=x.numel() * (1 if d > 2 else kernel))
+    site.use("weight")
+    site.use("bias")
+    (x, weight, bias), ctx = amp.cast(x.device.type, (x, weight, bias))
+    with ctx:
+        y = ConvFn.apply(x, weight, bias, conf, out_pad, transposed, site, lay)
+    cap.record_layout(y, lay)
+    return y
+
+
 def handle_conv(cap, func, args, kwargs):
     """Rule-table entry for ``torch.conv1d/2d/3d``."""
     x, weight, bias, stride, padding, dilation, groups = bind(
@@ -190,20 +247,28 @@ def handle_conv(cap, func, args, kwargs):
     )
     if cap.ref(x) is not None:
         return cap.direct(func, args, kwargs)
-    wref, bref = cap.ref(weight), cap.ref(bias)
-    if wref is None and bref is None:
+    if cap.ref(weight) is None and cap.ref(bias) is None:
         return func(*args, **kwargs)
     d = weight.dim() - 2
-    if x.dim() != d + 2:
-        raise UnsupportedUseError(
-            f"conv{d}d on an unbatched input of shape {tuple(x.shape)} (parameter "
-            f"'{cap.name_of((wref or bref).params[0])}'): per-sample gradients need a "
-            "leading sample dimension"
-        )
-    n = cap.samples(x.shape[0], f"conv{d}d")
     stride, dilation = _ntuple(stride, d), _ntuple(dilation, d)
     x, padding = _explicit_padding(x, padding, weight.shape[2:], dilation)
-    site = cap.site(wref, bref)
-    (x, weight, bias), ctx = amp.cast(x.device.type, (x, weight, bias))
-    with ctx:
-        return ConvFn.apply(x, weight, bias, stride, padding, dilation, int(groups), site, n)
+    conf = (stride, padding, dilation, int(groups))
+    return _apply(cap, x, weight, bias, conf, [0] * d, False, f"conv{d}d")
+
+
+def handle_conv_transpose(cap, func, args, kwargs):
+    """Rule-table entry for ``torch.conv_transpose1d/2d/3d``."""
+    x, weight, bias, stride, padding, out_pad, groups, dilation = bind(
+        args, kwargs, ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+        (None, 1, 0, 0, 1, 1),
+    )
+    if cap.ref(x) is not None:
+        return cap.direct(func, args, kwargs)
+    if cap.ref(weight) is None and cap.ref(bias) is None:
+        return func(*args, **kwargs)
+    d = weight.dim() - 2
+    conf = (_ntuple(stride, d), _ntuple(padding, d), _ntuple(dilation, d), int(groups))
+    return _apply(cap, x, weight, bias, conf, _ntuple(out_pad, d), True, f"conv_transpose{d}d")
+
+
+__all__ = ["ConvForm", "ConvFn", "handle_conv", "handle_conv_transpose"]

@@ -15,9 +15,13 @@ per sample) in a call ``y = f(x, e)``. Each sample's gradient of ``e`` is the pa
   ``f`` (one batched recomputation of this one call), and the recomputed output is
   checked against the real one, so a call that mixes rows raises instead.
 
-An ``e`` with ``M`` rows of its own (``cls_token.expand(B, …)``) is *aligned*: row ``r``
-belongs to row ``r`` of the data. Stride-0 (expanded) rows all equal ``e[:1]`` and are
-measured as uses of it; other aligned rows are mapped back one sample at a time.
+The samples lie on the data's sample dimension (its tracked layout, placed in the call's
+broadcast dimensions). An ``e`` with a size there equal to the data's (``M``) is
+*aligned*, row for row, as broadcasting defines it: ``cls_token.expand(B, …)``, whose
+stride-0 rows all equal one row of the parameter (measured as uses of it), or an
+expression with rows of its own, mapped back one sample at a time. In any other call a
+parameter is shared by all rows unless it is such a stride-0 expansion. A table looked up
+with constant ids (``wpe(position_ids)``) is handed over as a lookup: no ``[n, V, d]``.
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_unflatten
 
 from ..errors import SampleMixingError, UnsupportedUseError
-from .embedding import give_table, table_lookup
-from .site import give, sq_norms
+from .expression import table_lookup
+from .forms import Dense, Lookup
+from .layout import Layout, to_samples
 
 _T = torch.Tensor
 BROADCASTING = {
@@ -52,115 +57,194 @@ def handle_direct(cap, func, flat: list, spec, refs: dict, what: str):
             and t.dim() > 0 and cap.tracker.kind(t) == "data"]
     if not data:
         raise UnsupportedUseError(f"{what} meets no tensor with a sample dimension")
-    rows = data[0].shape[0]
-    n = cap.tracker.samples(rows, what)
+    lay, n = cap.layout(data[0], what)
     ndim = max(t.dim() for t in flat if isinstance(t, torch.Tensor))
+    sdim = lay.dim + ndim - data[0].dim()  # the sample dimension among the call's broadcast dims
+    call = _Call(Layout(sdim, lay.outer, lay.inner), data[0].shape[lay.dim], n, ndim)
     fast = func in BROADCASTING or func in JOINING
-    data_ndim = max(t.dim() for t in data)
-    modes = {i: _mode(flat[i], rows, data_ndim, what, fast) for i in refs}
-    for ref in refs.values():
-        cap.count_use(ref)
+    modes = {i: _mode(flat[i], call, what, fast) for i in refs}
+    uses = _Uses(cap, call, {i: (ref, flat[i], modes[i]) for i, ref in refs.items()})
     if func in BROADCASTING or (func in JOINING and all(m != "broadcast" for m in modes.values())):
         vals = list(flat)
-        for i, ref in refs.items():
-            vals[i] = _rows_view(cap, ref, flat[i], modes[i], rows, n, ndim)
+        for i in refs:
+            vals[i] = uses.rows_view(i)
         args, kwargs = tree_unflatten(vals, spec)
         out = func(*args, **kwargs)
-        _check_rows(out, rows, what)
+        _check_rows(out, call, what)
         return out
-    return _generic(cap, func, flat, spec, refs, modes, rows, n, what)
+    return _generic(cap, uses, func, flat, spec, refs, modes, call, what)
 
 
-def _mode(t: torch.Tensor, rows: int, ndim: int, what: str, broadcasting: bool) -> str:
-    """How the measured tensor ``t`` lines up with the data's ``rows`` rows (``ndim``: the
-    data's dims): its own rows ("aligned": as many dims and ``rows`` rows), or shared by
-    all ("broadcast"; in a broadcasting call only when its leading dim is absent or 1)."""
-    if t.dim() == ndim and t.shape[0] == rows and rows > 1:
-        return "aligned0" if t.stride(0) == 0 else "aligned"
-    if not broadcasting or t.dim() < ndim or t.shape[0] == 1:
+class _Call:
+    """The samples of one call: their layout among the call's ``ndim`` broadcast
+    dimensions (``lay.dim``, of size ``rows``) and their number ``n``."""
+
+    def __init__(self, lay: Layout, rows: int, n: int, ndim: int):
+        self.lay, self.rows, self.n, self.ndim = lay, rows, n, ndim
+
+    def dim_of(self, t: torch.Tensor) -> int:
+        """Where the sample dimension falls in ``t`` (right-aligned; < 0: absent)."""
+        return self.lay.dim - (self.ndim - t.dim())
+
+
+def _mode(t: torch.Tensor, call: _Call, what: str, broadcasting: bool) -> str:
+    """How the measured tensor ``t`` lines up with the samples: its own row for each
+    ("aligned"; "aligned0" when those rows are one expanded row), or shared ("broadcast")."""
+    d, rows = call.dim_of(t), call.rows
+    size = t.shape[d] if d >= 0 else 1
+    if size == rows and rows > 1 and t.stride(d) == 0:
+        return "aligned0"
+    if size == rows and rows > 1 and broadcasting:
+        return "aligned"
+    if not broadcasting or size == 1:
         return "broadcast"
     raise UnsupportedUseError(
         f"{what}: a parameter of shape {tuple(t.shape)} meets data with {rows} rows on "
-        "dim 0; gradnoise cannot tell which samples use which of its rows"
+        f"dim {call.lay.dim}; gradnoise cannot tell which samples use which of its rows"
     )
 
 
-def _rows_view(cap, ref, t: torch.Tensor, mode: str, rows: int, n: int, ndim: int) -> torch.Tensor:
-    """``t`` as the call will see it, with a hook that receives its gradient per row."""
+class _Uses:
+    """The measured arguments of one call (``role`` = position) and their site: a table
+    looked up with constant ids is measured as a lookup of the table, an expanded
+    parameter as its one row, anything else as itself."""
+
+    def __init__(self, cap, call: _Call, args: dict):
+        self.call, self.args, self.ids = call, args, {}
+        refs = {}
+        for i, (ref, t, mode) in args.items():
+            ids = _lookup_ids(ref, mode, t, call)
+            if ids is not None:
+                self.ids[i], refs[i] = ids, table_lookup(ref)[1]
+            elif mode == "aligned0":
+                d = call.dim_of(t)
+                refs[i] = ref.then(lambda v, d=d: v.narrow(d, 0, 1))
+            else:
+                refs[i] = ref
+        self.site = cap.site(refs, call.n)
+        for i in args:
+            ids = self.ids.get(i)
+            self.site.use(i, *(("ids", lambda ids=ids: ids) if ids is not None else ()))
+
+    def rows_view(self, i) -> torch.Tensor:
+        """The argument as the call will see it, with a hook that receives its gradient
+        per row."""
+        _, t, mode = self.args[i]
+        call = self.call
+        if mode == "broadcast":
+            padded = (1,) * (call.ndim - t.dim()) + tuple(t.shape)
+            shape = list(padded)
+            shape[call.lay.dim] = call.rows
+            view = t.reshape(padded).expand(shape)
+        else:
+            view = t.view(t.shape)  # a node of its own: its gradient is this call's alone
+        view.register_hook(lambda g: self.give_rows(i, g, call.lay.dim if mode == "broadcast" else call.dim_of(t)))
+        return view
+
+    def give_rows(self, i, g: torch.Tensor, d: int) -> None:
+        """Per-row gradient ``g`` of argument ``i`` (rows on dim ``d``) -> per-sample
+        gradients of its reference."""
+        _, t, mode = self.args[i]
+        call, n = self.call, self.call.n
+        per = to_samples(g, Layout(d, call.lay.outer, call.lay.inner), n)  # [n, rows per sample, …]
+        if i in self.ids:  # the table's rows, looked up by the ids of each sample's rows
+            self._give(i, per if mode == "aligned" else per.sum(1))
+        elif mode == "broadcast":
+            self._give(i, per.sum(1).reshape(n, *t.shape))
+        elif mode == "aligned0":
+            self._give(i, per.sum(1).unsqueeze(d + 1))
+        else:  # each sample's rows of t, zero elsewhere
+            o, k = call.lay.outer, call.lay.inner
+            cot = g.new_zeros(n, *per.shape)
+            idx = torch.arange(n, device=g.device)
+            cot[idx, idx] = per
+            cot = cot.reshape(n, n, o, k, *per.shape[2:]).movedim(1, 2).reshape(n, o * n * k, *per.shape[2:])
+            self._give(i, cot.movedim(1, d + 1))
+
+    def give_shared(self, i, g: torch.Tensor) -> None:
+        """Per-row gradients ``[rows, *shape]`` of a shared argument (a generic call's)."""
+        call = self.call
+        per = to_samples(g, Layout(0, call.lay.outer, call.lay.inner), call.n)
+        self._give(i, per.sum(1))
+
+    def _give(self, i, cot: torch.Tensor) -> None:
+        """Hand ``cot`` ``[n, *shape]`` (per-sample gradients of argument ``i``) over."""
+        ids = self.ids.get(i)
+        if ids is not None:
+            table = self.site.refs[i].param
+            self.site.give(i, Lookup(ids, cot.reshape(cot.shape[0], ids.shape[1], -1), table.shape[0]))
+        else:
+            self.site.give(i, Dense(cot))
+
+
+def _lookup_ids(ref, mode: str, t: torch.Tensor, call: _Call):
+    """Per-sample ids ``[n, T]`` when ``ref`` is a table looked up with constant ids that
+    the samples share (broadcast) or own row for row (aligned on dim 0), else None."""
+    lookup = table_lookup(ref)
+    if lookup is None:
+        return None
+    ids, _, pad = lookup
     if mode == "broadcast":
-        padded = (1,) * (ndim - t.dim()) + tuple(t.shape)
-        view = t.reshape(padded).expand(rows, *padded[1:])
+        flat_ids = ids.reshape(1, -1).expand(call.n, -1)
+    elif mode == "aligned" and call.dim_of(t) == 0 and ids.dim() > 0 and ids.shape[0] == call.rows:
+        flat_ids = to_samples(ids, Layout(0, call.lay.outer, call.lay.inner), call.n).reshape(call.n, -1)
     else:
-        view = t.view(t.shape)  # a node of its own: its gradient is this call's alone
-    view.register_hook(lambda g: _give_rows(cap, ref, t, mode, g, n))
-    return view
+        return None
+    return flat_ids if pad is None else torch.where(flat_ids == pad, torch.full_like(flat_ids, -1), flat_ids)
 
 
-def _give_rows(cap, ref, t: torch.Tensor, mode: str, g: torch.Tensor, n: int) -> None:
-    """Per-row gradient ``g`` ``[M, …]`` of ``t`` -> per-sample gradients of ``ref``."""
-    rows = g.shape[0]
-    per = g.reshape(n, rows // n, *g.shape[1:]).sum(1)  # rows of one sample summed
-    if mode in ("broadcast", "whole"):
-        cot = per.reshape(n, *t.shape)
-    elif mode == "aligned0":
-        ref, cot = ref.first_row(), per.unsqueeze(1)
-    elif (lookup := table_lookup(ref)) is not None and lookup[0].shape[0] == rows:
-        ids, table, pad = lookup  # row r of t is table[ids[r]]: per-sample rows directly
-        give_table(cap.store, table, ids, g, n, table.param.shape[0], pad)
-        return
-    else:  # each sample's rows of t, zero elsewhere
-        k = rows // n
-        cot = g.new_zeros(n, n, k, *g.shape[1:])
-        idx = torch.arange(n, device=g.device)
-        cot[idx, idx] = g.reshape(n, k, *g.shape[1:])
-        cot = cot.reshape(n, *t.shape)
-    give(cap.store, ref, lambda: sq_norms(cot.flatten(1)), lambda: cot, n)
-
-
-def _check_rows(out, rows: int, what: str) -> None:
+def _check_rows(out, call: _Call, what: str) -> None:
     for o in out if isinstance(out, (list, tuple)) else (out,):
-        if isinstance(o, torch.Tensor) and o.requires_grad and (o.dim() == 0 or o.shape[0] != rows):
+        if not (isinstance(o, torch.Tensor) and o.requires_grad):
+            continue
+        d = call.dim_of(o)
+        if d < 0 or o.shape[d] != call.rows:
             raise UnsupportedUseError(
-                f"{what} turns per-sample data with {rows} rows into an output of shape "
+                f"{what} turns per-sample data with {call.rows} rows into an output of shape "
                 f"{tuple(o.shape)}, which has no sample dimension"
             )
 
 
-def _generic(cap, func, flat, spec, refs, modes, rows, n, what):
-    """Any other call: per-row vjp by vmap, checked against the real output."""
+def _generic(cap, uses: _Uses, func, flat, spec, refs, modes, call: _Call, what: str):
+    """Any other call: per-row vjp by vmap over the sample dimension, checked against the
+    real output."""
     args, kwargs = tree_unflatten(list(flat), spec)
     out = func(*args, **kwargs)
-    _check_rows(out, rows, what)
+    _check_rows(out, call, what)
     outs = out if isinstance(out, (list, tuple)) else (out,)
     live = [j for j, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.requires_grad]
     if not live:
         return out
     fixed = [t.detach() if isinstance(t, torch.Tensor) else t for t in flat]
     data_pos = [i for i, t in enumerate(flat) if i not in refs and isinstance(t, torch.Tensor)
-                and t.dim() > 0 and t.shape[0] == rows]
+                and t.dim() > 0 and cap.tracker.kind(t) == "data"]
+    data_dims = [_data_dim(cap, flat[i], call, what) for i in data_pos]
     shared_pos = [i for i in refs if modes[i] == "broadcast"]
     row_pos = [i for i in refs if modes[i] != "broadcast"]
+    row_dims = [call.dim_of(flat[i]) for i in row_pos]
+    out_dims = [call.dim_of(outs[j]) for j in live]
 
     def one(xs, es, deltas):
-        def call(*prims):
+        def call_one(*prims):
             vals = list(fixed)
-            for i, x in zip(data_pos, xs):
-                vals[i] = x.unsqueeze(0)
-            for i, v in zip(shared_pos + row_pos, prims):
-                vals[i] = v if i in shared_pos else v.unsqueeze(0)
+            for i, x, d in zip(data_pos, xs, data_dims):
+                vals[i] = x.unsqueeze(d)
+            for k, (i, v) in enumerate(zip(shared_pos + row_pos, prims)):
+                vals[i] = v if i in shared_pos else v.unsqueeze(row_dims[k - len(shared_pos)])
             a, kw = tree_unflatten(vals, spec)
             o = func(*a, **kw)
             o = o if isinstance(o, (list, tuple)) else (o,)
-            return tuple(o[j].squeeze(0) for j in live)
+            return tuple(o[j].squeeze(d) for j, d in zip(live, out_dims))
 
-        res, pull = vjp(call, *[fixed[i] for i in shared_pos], *es)
+        res, pull = vjp(call_one, *[fixed[i] for i in shared_pos], *es)
         return pull(deltas), res
 
     def on_grads(grads: List[torch.Tensor]) -> None:
         grads = [g if g is not None else torch.zeros_like(outs[j]) for j, g in zip(live, grads)]
         with cap.suspend(), torch.enable_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*batching rule.*")
-            cots, redone = vmap(one)([fixed[i] for i in data_pos], [fixed[i] for i in row_pos], tuple(grads))
+            cots, redone = vmap(one, in_dims=(data_dims, row_dims, tuple(out_dims)), out_dims=(0, tuple(out_dims)))(
+                [fixed[i] for i in data_pos], [fixed[i] for i in row_pos], tuple(grads))
         for j, again in zip(live, redone):
             real = outs[j].detach()
             tol = 1e-4 * float(real.abs().max()) if real.numel() else 0.0
@@ -170,10 +254,22 @@ def _generic(cap, func, flat, spec, refs, modes, rows, n, what):
                     "recomputed row by row differs), so per-sample gradients cannot be "
                     "measured there; register a rule for the module that makes this call"
                 )
-        for i, g in zip(shared_pos + row_pos, cots):
-            _give_rows(cap, refs[i], flat[i], "whole" if i in shared_pos else modes[i], g, n)
+        for k, (i, g) in enumerate(zip(shared_pos + row_pos, cots)):
+            if i in shared_pos:
+                uses.give_shared(i, g)
+            else:
+                d = row_dims[k - len(shared_pos)]
+                uses.give_rows(i, g.movedim(0, d), d)
 
     return _tap_outputs(out, live, on_grads)
+
+
+def _data_dim(cap, t: torch.Tensor, call: _Call, what: str) -> int:
+    """The sample dimension of a data argument of a generic call (same rows as the first)."""
+    lay, _ = cap.layout(t, what)
+    if t.shape[lay.dim] != call.rows or (lay.outer, lay.inner) != (call.lay.outer, call.lay.inner):
+        raise UnsupportedUseError(f"{what} meets data whose samples are laid out differently in its arguments")
+    return lay.dim
 
 
 def _tap_outputs(out, live: List[int], callback):

@@ -1,11 +1,12 @@
 """Embeddings: per-sample gradients of a lookup table.
 
-For ids ``[N, *T]`` (flattened to ``T``) and output gradient ``δ`` ``[N, T, d]``, the
-per-sample gradient of the table ``W`` ``[V, d]`` has row ``v`` equal to
-``Σ_{t: id_nt = v} δ_nt``, so ``||g_n||² = Σ_{t,s} [id_nt = id_ns] (δ_nt·δ_ns)``. Rows
-are summed per distinct ``(n, id)`` pair (``O(N T d)``), never ``N·V·d`` memory unless
-the table is shared and full per-sample gradients are needed. ``padding_idx`` rows
-receive no gradient and are skipped.
+Kernel (:func:`lookup_form`): for ids ``[n, T]`` (samples first, positions flattened) and
+output gradient ``δ`` ``[n, T, d]``, row ``v`` of sample ``n``'s gradient of the table
+``W`` ``[V, d]`` is ``Σ_{t: id_nt = v} δ_nt`` — a :class:`~gradnoise.capture.forms.Lookup`,
+whose squared norm ``Σ_{t,s} [id_t = id_s] (δ_t·δ_s)`` sums rows per distinct
+``(n, id)`` pair (``O(n T d)``) and whose cross terms with other uses of the table (a tied
+output layer) come from the ids, never from ``[n, V, d]``. ``padding_idx`` positions
+receive no gradient (id −1 in the form). The table's gradient is autograd's own.
 """
 from __future__ import annotations
 
@@ -16,61 +17,28 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedUseError
 from .args import bind
-from .site import ParamRef, Site, give, sq_norms
+from .forms import Lookup
+from .layout import to_samples
+from .site import ParamRef, Site, take
 
 
-class EmbeddingFn(torch.autograd.Function):
-    """``F.embedding`` whose backward also hands per-sample results to a site."""
-
-    @staticmethod
-    def forward(ctx, ids, weight, padding_idx, site: Site, n: int):
-        ctx.save_for_backward(ids)
-        ctx.site, ctx.padding_idx, ctx.num_rows, ctx.n = site, padding_idx, weight.shape[0], n
-        return F.embedding(ids, weight, padding_idx)
-
-    @staticmethod
-    def backward(ctx, gy):
-        (ids,) = ctx.saved_tensors
-        site: Site = ctx.site
-        pad = -1 if ctx.padding_idx is None else ctx.padding_idx
-        gw = torch.ops.aten.embedding_dense_backward(gy, ids, ctx.num_rows, pad, False)
-        give_table(site.store, site.weight, ids, gy, ctx.n, ctx.num_rows, ctx.padding_idx)
-        return None, gw, None, None, None
+def lookup_ids(ids: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
+    """``ids`` ``[n, T]`` with ``padding_idx`` positions as −1 (no gradient)."""
+    if padding_idx is None:
+        return ids
+    return torch.where(ids == padding_idx, torch.full_like(ids, -1), ids)
 
 
-def give_table(store, ref, ids: torch.Tensor, gy: torch.Tensor, n: int, v: int, padding_idx) -> None:
-    """Per-sample results of a table ``[v, d]`` looked up with ``ids`` ``[k·n, …]`` (``k``
-    rows per sample) and output gradient ``gy`` ``[k·n, …, d]``, handed to ``store``."""
-    dim = gy.shape[-1]
-    keys = (torch.arange(n, device=ids.device).view(n, 1) * v + ids.reshape(n, -1)).reshape(-1)
-    rows = gy.reshape(-1, dim)
-    if padding_idx is not None:
-        keep = ids.reshape(-1) != padding_idx
-        keys, rows = keys[keep], rows[keep]
-
-    def per_sample_sq_norms():
-        uniq, inverse = torch.unique(keys, return_inverse=True)
-        sums = rows.new_zeros(uniq.shape[0], dim).index_add_(0, inverse, rows)
-        return rows.new_zeros(n).index_add_(0, uniq // v, sq_norms(sums))
-
-    def grads():
-        return rows.new_zeros(n * v, dim).index_add_(0, keys, rows).view(n, v, dim)
-
-    give(store, ref, per_sample_sq_norms, grads, n)
+def lookup_form(ids: torch.Tensor, gy: torch.Tensor, num_rows: int) -> Lookup:
+    """The per-sample form of a table ``[num_rows, d]``: ids ``[n, T]`` (−1: none), output
+    gradient ``gy`` ``[n, T, d]``."""
+    return Lookup(ids, gy, num_rows)
 
 
-def table_lookup(ref) -> Optional[tuple]:
-    """``(ids, ParamRef of the table, padding_idx)`` when the expression ``ref`` is
-    ``F.embedding`` of constant ids on a whole table (no max_norm), else None."""
-    expr = getattr(ref, "expr", None)
-    if expr is None or ref.post is not None or expr.func is not F.embedding or len(expr.flat) < 4:
-        return None
-    ids, table, pad, max_norm = expr.flat[:4]
-    if ids[0] != "value" or table[0] != "param" or table[2] is not None or max_norm[1] is not None:
-        return None
-    if pad[1] is not None and (not isinstance(pad[1], int) or pad[1] < 0):
-        return None
-    return ids[1], ParamRef(table[1]), pad[1]
+def _observe(site: Site, ids_s: torch.Tensor, num_rows: int, lay, gy: torch.Tensor) -> None:
+    n = site.n
+    d = to_samples(gy, lay, n).reshape(n, -1, gy.shape[-1])
+    site.give("weight", lookup_form(ids_s, d, num_rows))
 
 
 def handle_embedding(cap, func, args, kwargs):
@@ -98,5 +66,13 @@ def handle_embedding(cap, func, args, kwargs):
     if max_norm is not None:
         with torch.no_grad():
             torch.embedding_renorm_(weight, ids.contiguous(), max_norm, norm_type)
-    n = cap.samples(ids.shape[0], f"embedding '{name}'")
-    return EmbeddingFn.apply(ids, weight, padding_idx, cap.site(wref), n)
+    lay, n = cap.layout(ids, f"embedding '{name}'")
+    ids_s = lookup_ids(to_samples(ids, lay, n).reshape(n, -1), padding_idx)
+    site = cap.site({"weight": wref}, n)
+    site.use("weight", "ids", lambda: ids_s)
+    y = F.embedding(ids, weight, padding_idx)
+    if y.requires_grad:
+        box = [ids_s]  # one backward only (a second raises)
+        y.register_hook(lambda g: _observe(site, take(box), weight.shape[0], lay, g))
+    cap.record_layout(y, lay)
+    return y

@@ -18,8 +18,11 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_unflatten
+
+from .site import ParamRef
 
 
 class Expr:
@@ -83,10 +86,6 @@ class ExprRef:
         return ExprRef(self.expr, self.index, fn(self.tensor), self.suspend,
                        (lambda t: fn(post(t) if post else t)))
 
-    def first_row(self) -> "ExprRef":
-        """The same expression restricted to ``[:1]`` of its leading dimension."""
-        return self.then(lambda t: t[:1])
-
     def param_grads(self, cot: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """``[(p, g [c, *p.shape])]`` from per-sample cotangents ``cot`` ``[c, *e.shape]``."""
         params = self.params
@@ -100,3 +99,17 @@ class ExprRef:
             _, pull = vjp(f, *primals)
             grads = vmap(pull)(cot.to(self.tensor.dtype))
         return list(zip(params, grads))
+
+
+def table_lookup(ref) -> Optional[tuple]:
+    """``(ids, ParamRef of the table, padding_idx)`` when the expression ``ref`` is
+    ``F.embedding`` of constant ids on a whole table (no max_norm), else None."""
+    expr = getattr(ref, "expr", None)
+    if expr is None or ref.post is not None or expr.func is not F.embedding or len(expr.flat) < 4:
+        return None
+    ids, table, pad, max_norm = expr.flat[:4]
+    if ids[0] != "value" or table[0] != "param" or table[2] is not None or max_norm[1] is not None:
+        return None
+    if pad[1] is not None and (not isinstance(pad[1], int) or pad[1] < 0):
+        return None
+    return ids[1], ParamRef(table[1]), pad[1]

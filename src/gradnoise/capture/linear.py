@@ -1,45 +1,47 @@
-"""Linear layers: ``y = a Wᵀ + b`` on ``a`` of shape ``[N, d_in]`` or ``[N, *T, d_in]``.
+"""Linear layers: ``y = a Wᵀ + b`` on ``a`` ``[…, d_in]``, the samples on any dimension but
+the last.
 
-Per-sample gradients, with ``δ = ∂L/∂y`` and the middle dimensions flattened to ``T``::
+Kernel (:func:`linear_forms`), samples first and every other position flattened to ``T``,
+``δ = ∂L/∂y``::
 
-    g_n^W = Σ_t δ_nt a_ntᵀ          [d_out, d_in]
-    g_n^b = Σ_t δ_nt                 [d_out]
+    G_n^W = Σ_t δ_nt a_ntᵀ      [d_out, d_in]   Factored(rows=δ, cols=a)
+    g_n^b = Σ_t δ_nt            [d_out]         Dense
 
-* 2-D input: ``||g_n^W||² = ||a_n||² ||δ_n||²`` at ``O(N (d_in + d_out))``, from a hook
-  on ``δ``; the layer keeps autograd's own backward.
-* ``T > 1``, Gram route: ``||g_n^W||² = Σ_{t,s} (a_nt·a_ns)(δ_nt·δ_ns)`` at
-  ``O(N T² (d_in + d_out))`` on top of the usual weight gradient.
-* ``T > 1``, materialised route: ``G_n = Δ_nᵀ A_n`` by batched matmul, chunked over
-  samples to bound memory; the weight gradient is then ``Σ_n G_n``, so it is not
-  computed twice. :func:`_materialise_cheaper` picks the route (measured costs).
-
-The backward returns ordinary gradients, so autograd, hooks and DDP see nothing unusual.
+The store turns the factored form into squared norms by the cheaper route (Gram
+``Σ_{t,s} (a_t·a_s)(δ_t·δ_s)`` or materialised ``Δ_nᵀ A_n`` in chunks) and into cross
+terms with the parameter's other uses. One sample, one position (``[N, d_in]`` data): the
+layer runs as torch runs it and a hook on ``δ`` hands the forms over (``||a||²·||δ||²``).
+Otherwise :class:`LinearFn` takes the weight gradient from the store (``Σ_n G_n`` of the
+materialised route, else one matrix product), so it is never computed twice.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnsupportedUseError
+from ..errors import SampleMixingError, UnsupportedUseError
 from . import amp
 from .args import bind
-from .site import Site, sq_norms, take
+from .forms import Dense, Factored, Form
+from .layout import Layout, to_samples
+from .site import Site, take
 
-# Materialised per-sample gradients of one chunk may use at most this many elements
-# beyond one sample's, or the size of the layer's saved input, whichever is larger.
-_CHUNK_FLOOR = 1 << 18
+
+def linear_forms(a: torch.Tensor, d: torch.Tensor) -> Dict[str, Form]:
+    """Per-sample forms of ``F.linear``: ``a`` ``[n, T, d_in]``, ``δ`` ``[n, T, d_out]``."""
+    return {"weight": Factored(d, a, d.shape[-1]), "bias": Dense(d.sum(1))}
 
 
 class LinearFn(torch.autograd.Function):
-    """``F.linear`` on ``[N, *T, d_in]`` (``T`` non-empty) whose backward also hands
-    per-sample results to a :class:`Site`; 2-D inputs take :func:`_observed_2d`."""
+    """``F.linear`` whose backward hands the per-sample forms to its site and returns the
+    weight and bias gradients the store sums from them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, site: Site, n: int):
+    def forward(ctx, x, weight, bias, site: Site, lay: Layout):
         ctx.save_for_backward(x, weight)
-        ctx.site, ctx.has_bias, ctx.n = site, bias is not None, n
+        ctx.site, ctx.lay = site, lay
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -48,100 +50,67 @@ class LinearFn(torch.autograd.Function):
         site: Site = ctx.site
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gy.matmul(weight) if need_x else None
-        gw, gb = _grads_seq(site, x, gy, need_w, need_b and ctx.has_bias, ctx.n)
+        n, lay = site.n, ctx.lay
+        a = to_samples(x, lay, n).reshape(n, -1, x.shape[-1])
+        d = to_samples(gy, lay, n).reshape(n, -1, gy.shape[-1])
+        forms = linear_forms(a, d)
+        gb = site.give("bias", forms["bias"], want_sum=need_b)
+        gw = site.give("weight", forms["weight"], want_sum=need_w)
         return gx, gw, gb, None, None
 
 
 def _observed_2d(site: Site, x: torch.Tensor, weight, bias):
-    """2-D input: plain ``F.linear`` (its backward stays in C++), and a hook on the
-    output's gradient ``δ`` that computes the per-sample results, as the weight gradient
-    needs nothing beyond what autograd already computes."""
+    """``[N, d_in]`` data: plain ``F.linear`` (its backward stays in C++) and a hook on
+    ``δ`` that hands over the forms, as the weight gradient needs nothing beyond what
+    autograd computes."""
     y = F.linear(x, weight, bias)
     if y.requires_grad:
         # a one-shot box, emptied by the hook, so the hook does not keep x alive after it
         # ran (the graph node, with its hooks, can outlive its own backward)
-        box = [x.detach() if site.weight is not None else None]
+        box = [x.detach()]
         y.register_hook(lambda d: _observe_2d(site, take(box), d))
     return y
 
 
-def _observe_2d(site: Site, a: Optional[torch.Tensor], d: torch.Tensor) -> None:
-    """``||g_n^W||² = ||a_n||² ||δ_n||²``, ``||g_n^b||² = ||δ_n||²`` (or the per-sample
-    gradients themselves where the store needs them)."""
-    n = d.shape[0]
-    d_sq = None
-    if site.bias is not None and not site.wants_grads(site.bias):
-        d_sq = sq_norms(d)
-    site.give(site.bias, lambda: d_sq, lambda: d, n)
-    if a is not None:
-        site.give(
-            site.weight,
-            lambda: sq_norms(a) * (d_sq if d_sq is not None else sq_norms(d)),
-            lambda: d.unsqueeze(2) * a.unsqueeze(1),
-            n,
+def _observe_2d(site: Site, a: torch.Tensor, d: torch.Tensor) -> None:
+    forms = linear_forms(a.unsqueeze(1), d.unsqueeze(1))
+    for role in ("bias", "weight"):
+        if role in site:
+            site.give(role, forms[role])
+
+
+def apply_linear(cap, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 lay: Optional[Layout] = None, wref=None, bref=None):
+    """``F.linear(x, weight, bias)`` measured per sample: the samples of ``x`` where the
+    tracker (or ``lay``) says. ``weight``/``bias`` may be parameters, views of them (slices
+    of a packed projection) or parameter expressions; unmeasured ones are constants of
+    the rule. ``wref``/``bref`` override the references looked up for them."""
+    wref = cap.ref(weight) if wref is None else wref
+    bref = cap.ref(bias) if bref is None else bref
+    if x.dim() < 2:
+        raise UnsupportedUseError(
+            f"F.linear on an unbatched input of shape {tuple(x.shape)} (parameter "
+            f"'{cap.name_of((wref or bref).params[0])}'): per-sample gradients need a "
+            "leading sample dimension"
         )
-
-
-def _grads_seq(site: Site, x: torch.Tensor, gy: torch.Tensor, need_w: bool, need_b: bool, n: int):
-    """``x`` ``[M, *T, d_in]``, ``gy`` ``[M, *T, d_out]`` with ``M = k·n`` rows, ``k`` per
-    sample (sample-major): all but the last dim are flattened to ``[n, k·T, ·]``."""
-    a = x.reshape(n, -1, x.shape[-1])
-    d = gy.reshape(n, -1, gy.shape[-1])
-    gw = gb = None
-    if need_b:
-        per = d.sum(1)  # [N, d_out]
-        site.give(site.bias, lambda: sq_norms(per), lambda: per, n)
-        gb = per.sum(0)
-    if need_w:
-        gw = _weight_grad_seq(site, a, d)
-    return gw, gb
-
-
-def _weight_grad_seq(site: Site, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Weight gradient ``Σ_n G_n`` ``[d_out, d_in]`` from ``a`` ``[N, T, d_in]`` and
-    ``d`` ``[N, T, d_out]``; per-sample results to the site (Gram or materialised)."""
-    ref = site.weight
-    n, t, d_in = a.shape
-    d_out = d.shape[-1]
-    route = site.policy.route
-    if route is None:
-        route = "materialise" if _materialise_cheaper(n, t, d_in, d_out) else "gram"
-    if ref is not None and (site.wants_grads(ref) or route == "materialise"):
-        return _materialised(site, a, d)
-    if ref is not None:
-        gram = torch.bmm(a, a.transpose(1, 2)).mul_(torch.bmm(d, d.transpose(1, 2)))
-        site.give(ref, lambda: gram.sum((1, 2)), lambda: None, n)
-    return d.reshape(-1, d_out).t().mm(a.reshape(-1, d_in))
-
-
-def _materialise_cheaper(n: int, t: int, d_in: int, d_out: int) -> bool:
-    """The route choice, from measurements on 2 CPU threads: materialising costs little
-    beyond the weight gradient while chunks hold ≥ 8 samples (or the whole batch); with
-    smaller chunks it wins only where the Gram route's extra ``T²(d_in + d_out)`` per
-    sample exceeds the weight gradient's ``T·d_in·d_out``."""
-    step = chunk_size(n, d_in * d_out, n * t * max(d_in, d_out))
-    return step >= min(n, 8) or t * (d_in + d_out) > d_in * d_out
-
-
-def _materialised(site: Site, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``G_n = Δ_nᵀ A_n`` chunk by chunk; returns ``Σ_n G_n``."""
-    n, _, d_in = a.shape
-    d_out = d.shape[-1]
-    step = site.policy.chunk(chunk_size(n, d_in * d_out, max(a.numel(), d.numel())))
-    total = None
-    for lo in range(0, n, step):
-        g = torch.bmm(d[lo : lo + step].transpose(1, 2), a[lo : lo + step])
-        site.give(site.weight, lambda g=g: sq_norms(g, (1, 2)), lambda g=g: g, n, lo)
-        part = g.sum(0)
-        total = part if total is None else total.add_(part)
-        del g, part  # free this chunk before the next one is allocated
-    return total
-
-
-def chunk_size(n: int, per_sample: int, budget: int) -> int:
-    """Samples per chunk so that a chunk of ``[c, per_sample]`` stays within
-    ``max(budget, _CHUNK_FLOOR, per_sample)`` elements."""
-    return max(1, min(n, max(budget, _CHUNK_FLOOR) // max(per_sample, 1)))
+    if lay is None:
+        lay, n = cap.layout(x, "F.linear")
+    else:
+        n = cap.tracker.n if cap.tracker.n is not None else x.shape[lay.dim]
+    if lay.dim == x.dim() - 1:
+        raise SampleMixingError("F.linear contracts the sample dimension of its input: each "
+                                "output mixes samples, so per-sample gradients do not exist")
+    site = cap.site({"weight": wref, "bias": bref}, n, budget=x.numel())
+    site.use("weight", "cols", lambda: to_samples(x.detach(), lay, n).reshape(n, -1, x.shape[-1]))
+    site.use("bias")
+    if x.dim() == 2 and lay == Layout(0):
+        y = _observed_2d(site, x, weight, bias)
+    else:
+        (x, weight, bias), ctx = amp.cast(x.device.type, (x, weight, bias))
+        with ctx:
+            y = LinearFn.apply(x, weight, bias, site, lay)
+    cap.record_layout(y, lay)
+    return y
 
 
 def handle_linear(cap, func, args, kwargs):
@@ -155,7 +124,7 @@ def handle_linear(cap, func, args, kwargs):
     wref, bref = cap.ref(weight), cap.ref(bias)
     if wref is None and bref is None:
         return func(*args, **kwargs)
-    return apply_linear(cap, x, weight, bias, cap.site(wref, bref))
+    return apply_linear(cap, x, weight, bias, wref=wref, bref=bref)
 
 
 def handle_addmm(cap, func, args, kwargs):
@@ -165,7 +134,7 @@ def handle_addmm(cap, func, args, kwargs):
     wref = cap.ref(w)
     if beta != 1 or alpha != 1 or cap.ref(x) is not None or b.dim() != 1 or wref is None:
         return cap.direct(func, args, kwargs)
-    return apply_linear(cap, x, w.t(), b, cap.site(wref.then(lambda t: t.t()), cap.ref(b)))
+    return apply_linear(cap, x, w.t(), b, wref=wref.then(lambda t: t.t()), bref=cap.ref(b))
 
 
 def handle_matmul(cap, func, args, kwargs):
@@ -175,27 +144,4 @@ def handle_matmul(cap, func, args, kwargs):
     wref = cap.ref(w)
     if wref is None or w.dim() != 2 or x.dim() < 2 or cap.ref(x) is not None:
         return cap.direct(func, args, kwargs)
-    return apply_linear(cap, x, w.t(), None, cap.site(wref.then(lambda t: t.t()), None))
-
-
-def apply_linear(cap, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], site: Optional[Site] = None):
-    """``F.linear(x, weight, bias)`` measured per sample along dim 0 of ``x``: ``x``
-    ``[M, *T, d_in]`` with ``M`` the batch size or a multiple of it (``k`` rows per
-    sample, sample-major, such as ``x.view(-1, d)`` of ``[B, T, d]``).
-
-    ``weight``/``bias`` may be parameters, views of them (slices of a packed
-    projection) or parameter expressions; unmeasured ones are constants of the rule."""
-    if site is None:
-        site = cap.site(cap.ref(weight), cap.ref(bias))
-    if x.dim() < 2:
-        raise UnsupportedUseError(
-            f"F.linear on an unbatched input of shape {tuple(x.shape)} (parameter "
-            f"'{cap.name_of((site.weight or site.bias).params[0])}'): per-sample gradients "
-            "need a leading sample dimension"
-        )
-    n = cap.samples(x.shape[0], "F.linear")
-    if x.dim() == 2 and n == x.shape[0]:
-        return _observed_2d(site, x, weight, bias)
-    (x, weight, bias), ctx = amp.cast(x.device.type, (x, weight, bias))
-    with ctx:
-        return LinearFn.apply(x, weight, bias, site, n)
+    return apply_linear(cap, x, w.t(), None, wref=wref.then(lambda t: t.t()), bref=None)

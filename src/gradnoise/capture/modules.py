@@ -1,17 +1,20 @@
 """Module rules: per-sample gradients computed for a whole module at once.
 
 A module rule handles a module type whose parameters are not used through a
-functional rule: a user's own layer (``capture(model, rules={MyLayer: rule})``) or,
-for anything else that owns parameters, the torch.func fallback
-(:mod:`gradnoise.capture.fallback`). The protocol::
+functional rule: a user's own layer (``capture(model, rules={MyLayer: rule})``) or a
+recurrent layer (GRU, LSTM, RNN: fused kernels on flat weights), which the torch.func
+fallback handles (:mod:`gradnoise.capture.fallback`). The protocol::
 
     rule(module, args, kwargs, output, grad_output) -> {local_name: Tensor[N, *p.shape]}
 
 ``args``/``kwargs`` are the call's inputs, ``output`` its output, ``grad_output`` the
 gradient of the loss with respect to ``output`` (same structure; ``None`` where an output
 takes no gradient), in the loss's own units: under ``reduction="mean"`` it carries the
-1/B, which gradnoise multiplies back. The rule returns the per-sample gradients of the
-module's *own* trainable parameters (``module.named_parameters(recurse=False)``).
+1/B, which gradnoise multiplies back. The samples are on dim 0 of the inputs (gradnoise
+checks where it followed them); the rule returns the gradients of the module's *own*
+trainable parameters (``module.named_parameters(recurse=False)``) per row of that
+dimension, ``N`` rows — one per sample, or ``k`` per sample for folded data such as
+``[B·T, d]``, whose rows gradnoise sums per sample.
 
 A forward hook taps the module's differentiable outputs with an identity
 ``autograd.Function`` whose backward calls the rule once all output gradients exist.
@@ -20,7 +23,7 @@ Each call of the module is one use of its parameters.
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -29,8 +32,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import FallbackError, SampleMixingError
 from . import fallback
 from .direct import Tap
-from .rules import needs_module_rule
-from .site import sq_norms
+from .forms import Dense
+from .layout import Layout, to_samples
+from .site import ParamRef
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import Capture
@@ -48,7 +52,7 @@ def attach(cap: "Capture", model: nn.Module, rules: Mapping[type, Callable]) -> 
                 continue
             rule = _user_rule(rules, m)
             if rule is None:
-                if not needs_module_rule(m):
+                if not isinstance(m, nn.RNNBase):
                     continue
                 rule = fallback.per_sample_grads
             handles += ModuleSite(cap, name, m, own, rule).attach()
@@ -83,7 +87,7 @@ class ModuleSite:
 
     def __init__(self, cap: "Capture", name: str, module: nn.Module, params: Dict[str, nn.Parameter], rule: Callable):
         self.cap, self.name, self.module, self.params, self.rule = cap, name, module, params, rule
-        self._calls: List[Optional[tuple]] = []
+        self._calls: List[bool] = []
 
     def attach(self) -> List:
         m = self.module
@@ -94,31 +98,61 @@ class ModuleSite:
 
     def _pre(self, module, args, kwargs):
         live = torch.is_grad_enabled() and not self.cap.suspended
-        self._calls.append((args, kwargs) if live else None)
+        self._calls.append(live)
         if live:
             for p in self.params.values():
                 self.cap.active[id(p)] += 1
-                self.cap.store.add_use(p)
 
     def _post(self, module, args, kwargs, output):
-        call = self._calls.pop()
-        if call is None:
+        if not self._calls.pop():
             return None
+        cap = self.cap
         for p in self.params.values():
-            self.cap.active[id(p)] -= 1
+            cap.active[id(p)] -= 1
+        lay, n = self._samples(args, kwargs)
+        site = cap.site({k: ParamRef(p) for k, p in self.params.items()}, n)
+        for k in self.params:
+            site.use(k)
         flat, spec = tree_flatten(output)
         idx = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not idx:
             return None
-        record = (self, args, kwargs, output, spec, len(flat), idx)
-        tapped = Tap.apply(lambda grads: self.run(record, grads), *[flat[i] for i in idx])
+        record = (args, kwargs, output, spec, len(flat), idx)
+        tapped = Tap.apply(lambda grads: self.run(site, lay, record, grads), *[flat[i] for i in idx])
         for i, t in zip(idx, tapped):
+            cap.copy_layout(flat[i], t)
             flat[i] = t
+        if isinstance(self.module, nn.RNNBase):
+            self._rnn_layouts(flat, lay)
         return tree_unflatten(flat, spec)
 
-    def run(self, record, grads) -> None:
+    def _samples(self, args, kwargs) -> Tuple[Layout, int]:
+        """The layout of the call's per-sample inputs (all alike): on dim 0 for a user's
+        rule, on the batch dimension of a recurrent layer."""
+        cap, where = self.cap, f"module '{self.name or '<model>'}' ({type(self.module).__name__})"
+        data = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() > 0
+                and cap.tracker.kind(t) == "data"]
+        if not data:
+            raise FallbackError(f"{where} was called without a batched tensor input")
+        lay, n = cap.layout(data[0], where)
+        want = (0 if self.module.batch_first else 1) if isinstance(self.module, nn.RNNBase) else 0
+        if lay.dim != want:
+            raise FallbackError(
+                f"{where} receives its samples on dim {lay.dim}; its rule needs them on dim {want} "
+                "of its input")
+        return lay, n
+
+    def _rnn_layouts(self, flat: list, lay: Layout) -> None:
+        """A recurrent layer's output has the input's layout; its hidden states carry the
+        batch on dim 1."""
+        tr = self.cap.tracker
+        for j, t in enumerate(flat):
+            if isinstance(t, torch.Tensor):
+                tr.record(t, lay if j == 0 else Layout(1, lay.outer, lay.inner), type(self.module).__name__)
+
+    def run(self, site, lay: Layout, record, grads) -> None:
         """Call the rule for one recorded call and hand its results to the store."""
-        _, args, kwargs, output, spec, n_flat, idx = record
+        args, kwargs, output, spec, n_flat, idx = record
         flat_grads: List[Optional[torch.Tensor]] = [None] * n_flat
         for i, g in zip(idx, grads):
             flat_grads[i] = g
@@ -130,22 +164,21 @@ class ModuleSite:
                 per = self.rule(self.module, args, kwargs, output, grad_output)
         finally:
             cap.suspended = prev
-        self._hand_over(per)
+        self._hand_over(site, lay, per)
 
-    def _hand_over(self, per: Mapping[str, torch.Tensor]) -> None:
+    def _hand_over(self, site, lay: Layout, per: Mapping[str, torch.Tensor]) -> None:
+        """Per-row gradients from the rule -> per-sample dense forms (rows of a sample summed)."""
         where = f"the rule for module '{self.name or '<model>'}' ({type(self.module).__name__})"
         unknown = set(per) - set(self.params)
         if unknown:
             raise FallbackError(f"{where} returned gradients of unknown parameters {sorted(unknown)}")
-        sizes = {g.shape[0] for g in per.values()}
-        if len(sizes) > 1:
-            raise FallbackError(f"{where} returned different sample counts {sorted(sizes)}")
+        rows = lay.outer * site.n * lay.inner
         for local, g in per.items():
             p = self.params[local]
-            if tuple(g.shape[1:]) != tuple(p.shape):
+            if tuple(g.shape[1:]) != tuple(p.shape) or g.shape[0] != rows:
                 raise FallbackError(
                     f"{where} returned shape {tuple(g.shape)} for '{local}', expected "
-                    f"[N, {', '.join(map(str, p.shape))}]"
+                    f"[{rows}, {', '.join(map(str, p.shape))}] (one row per input row)"
                 )
-            n = g.shape[0]
-            self.cap.store.add(p, None, lambda g=g: sq_norms(g.reshape(n, -1)), lambda g=g: g, n)
+            grads = g if rows == site.n else to_samples(g, Layout(0, lay.outer, lay.inner), site.n).sum(1)
+            site.give(local, Dense(grads))

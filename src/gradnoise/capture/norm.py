@@ -3,56 +3,78 @@
 Each normalisation (LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm in eval
 mode) runs as torch runs it, forward and backward. A hook on its output's gradient
 ``δ`` recomputes ``x̂ = norm(x)`` without the affine parameters (one extra
-normalisation forward) and, summing over every dimension except the sample dimension
-and the parameter's own, forms the per-sample gradients::
+normalisation forward) and hands over the kernel's dense forms (:func:`affine_forms`)::
 
     g_n^w = Σ δ_n ⊙ x̂_n        g_n^b = Σ δ_n
 
-These are small (``[N, *w.shape]``) and always computed in full. The hook holds only
-``x``, which the layer saves anyway, so no activation-sized tensor is kept alive.
-BatchNorm in training mode mixes samples and is refused.
+summed over every dimension except the sample's and the parameter's own (``[n, *w.shape]``,
+small). The hook holds only ``x``, which the layer saves anyway. BatchNorm in training
+mode mixes samples and is refused.
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 from ..errors import SampleMixingError
 from .args import bind
-from .site import Site, sq_norms, take
+from .forms import Dense, Form
+from .layout import Layout, to_samples
+from .site import Site, take
+
+
+def affine_forms(xhat: Optional[torch.Tensor], d: torch.Tensor, w_shape, b_shape, channel: bool) -> Dict[str, Form]:
+    """Per-sample forms of an affine ``x̂ ⊙ w + b``: ``x̂`` and ``δ`` ``[n, k, *feature
+    dims]`` (``k`` positions of the sample dimension per sample); ``channel``: the
+    parameters run along feature dim 0 (GroupNorm, InstanceNorm, BatchNorm), else along
+    the last ``len(w_shape)`` dims (LayerNorm, RMSNorm)."""
+    out = {}
+    if w_shape is not None:
+        out["weight"] = Dense(_per_sample(d * xhat, w_shape, channel))
+    if b_shape is not None:
+        out["bias"] = Dense(_per_sample(d, b_shape, channel))
+    return out
+
+
+def _per_sample(t: torch.Tensor, shape: Sequence[int], channel: bool) -> torch.Tensor:
+    """Sum ``t`` ``[n, k, *features]`` over all dims but the sample and the parameter's."""
+    n = t.shape[0]
+    if channel:
+        return t.reshape(n, t.shape[1], t.shape[2], -1).sum((1, 3))
+    return t.reshape(n, -1, *shape).sum(1)
 
 
 def _observed(cap, y: torch.Tensor, x: torch.Tensor, weight, bias, recompute: Callable, channel: bool):
     """Hook ``y``'s gradient ``δ``; there, recompute ``x̂ = recompute(x)`` and hand the
     per-sample gradients of ``weight`` and ``bias`` to the store."""
-    n = cap.samples(x.shape[0], "normalisation")
-    site = cap.site(cap.ref(weight), cap.ref(bias))
+    lay, n = cap.layout(x, "normalisation")
+    shape = weight.shape if weight is not None else bias.shape
+    if (channel and lay.dim != 0) or (not channel and lay.dim >= x.dim() - len(shape)):
+        raise SampleMixingError(
+            f"a normalisation meets data of shape {tuple(x.shape)} whose samples lie on dim "
+            f"{lay.dim}, which it normalises over: each output mixes samples, so per-sample "
+            "gradients do not exist")
+    site = cap.site({"weight": cap.ref(weight), "bias": cap.ref(bias)}, n)
+    site.use("weight")
+    site.use("bias")
     if y.requires_grad:
         box = [x.detach()]  # emptied by the hook: x is not kept alive after it ran
-        w_shape = None if weight is None else weight.shape
-        b_shape = None if bias is None else bias.shape
-        y.register_hook(lambda d: _observe(site, take(box), d, recompute, channel, w_shape, b_shape, n))
+        w_shape = None if "weight" not in site else weight.shape
+        b_shape = None if "bias" not in site else bias.shape
+        y.register_hook(lambda d: _observe(site, lay, take(box), d, recompute, channel, w_shape, b_shape))
+    cap.record_layout(y, lay)
     return y
 
 
-def _observe(site: Site, x, d, recompute, channel, w_shape, b_shape, n: int) -> None:
-    if site.weight is not None:
-        with torch.no_grad():
-            per = _per_sample(d * recompute(x), w_shape, channel, n)
-        site.give(site.weight, lambda: sq_norms(per.flatten(1)), lambda: per, n)
-    if site.bias is not None:
-        per_b = _per_sample(d, b_shape, channel, n)
-        site.give(site.bias, lambda: sq_norms(per_b.flatten(1)), lambda: per_b, n)
-
-
-def _per_sample(t: torch.Tensor, shape: Sequence[int], channel: bool, n: int) -> torch.Tensor:
-    """Sum ``t`` ``[k·N, ...]`` (``k`` rows per sample) over all dims but the sample dim
-    and the parameter's (dim 1 for ``channel`` norms, the last ones otherwise)."""
-    if channel:
-        return t.reshape(n, t.shape[0] // n, t.shape[1], -1).sum((1, 3))
-    return t.reshape(n, -1, *shape).sum(1)
+def _observe(site: Site, lay: Layout, x, d, recompute, channel, w_shape, b_shape) -> None:
+    n = site.n
+    with torch.no_grad():
+        xhat = None if w_shape is None else to_samples(recompute(x), lay, n)
+        forms = affine_forms(xhat, to_samples(d, lay, n), w_shape, b_shape, channel)
+    for role, form in forms.items():
+        site.give(role, form)
 
 
 def _measured(cap, *params) -> bool:

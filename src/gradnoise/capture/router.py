@@ -12,6 +12,10 @@ and then:
 * measured tensors meeting per-sample data: the call's rule from the table (Linear,
   Conv, Embedding, norms, attention, …), or the direct-use rule
   (:mod:`~gradnoise.capture.direct`).
+
+Wherever per-sample data goes through a call that moves dimensions, or data whose samples
+are not on dim 0 goes through any call, the samples are followed to the outputs
+(:mod:`~gradnoise.capture.follow`); rules record their outputs' layouts themselves.
 """
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import SampleMixingError, UnsupportedUseError
 from .direct import describe, func_name, handle_direct
+from .follow import LAYOUT_FUNCS, follow
+from .layout import default_layout
+from .rules import ALWAYS, FUNCTION_RULES
 from .tracking import CONST, DATA, POOLED
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,25 +53,25 @@ POOLED_OK = {torch.add, torch.sub, torch.mul, torch.div, torch.neg, _T.add, _T.s
 
 
 class Router(TorchFunctionMode):
-    """Sends each torch call to its rule (see ``rules.FUNCTION_RULES``) or through."""
+    """Sends each torch call to its rule (the read-only ``rules.FUNCTION_RULES``) or through."""
 
-    def __init__(self, capture: "Capture", table: dict, always: frozenset):
+    def __init__(self, capture: "Capture"):
         super().__init__()
         self.capture = capture
-        self.table = table
-        self.always = always
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         cap = self.capture
         if cap.suspended:
             return func(*args, **kwargs)
-        if func in self.always:
-            return self.table[func](cap, func, args, kwargs)
+        if func in ALWAYS:
+            return FUNCTION_RULES[func](cap, func, args, kwargs)
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
-        if func not in REDUCTIONS and not any(map(cap.notable, _tensors(args, kwargs))):
-            return func(*args, **kwargs)  # data that requires grad, and constants
+        tensors = list(_tensors(args, kwargs))
+        moves = func in LAYOUT_FUNCS
+        if not moves and func not in REDUCTIONS and not any(map(cap.notable, tensors)):
+            return func(*args, **kwargs)  # data on dim 0 that requires grad, and constants
         flat, spec = tree_flatten((args, kwargs))
         refs, kinds = {}, set()
         for i, t in enumerate(flat):
@@ -76,7 +83,9 @@ class Router(TorchFunctionMode):
                     k = cap.tracker.kind(t)
                     kinds.add("data_nograd" if k == DATA and not t.requires_grad else k)
         if not refs:
-            return self._untracked(func, args, kwargs, kinds)
+            out = self._untracked(func, args, kwargs, kinds)
+            self._follow(func, args, kwargs, out, tensors, moves)
+            return out
         if POOLED in kinds:
             raise UnsupportedUseError(
                 f"{describe(cap, func, refs)} combines a parameter with a value summed over the "
@@ -87,10 +96,34 @@ class Router(TorchFunctionMode):
             out = func(*args, **kwargs)
             cap.record_expr(func, flat, spec, refs, out)
             return out
-        rule = self.table.get(func)
+        rule = FUNCTION_RULES.get(func)
         if rule is not None:
             return rule(cap, func, args, kwargs)
-        return handle_direct(cap, func, flat, spec, refs, describe(cap, func, refs))
+        out = handle_direct(cap, func, flat, spec, refs, describe(cap, func, refs))
+        self._follow(func, args, kwargs, out, [t for t in tensors if cap.ref(t) is None], moves)
+        return out
+
+    def _follow(self, func, args, kwargs, out, tensors, moves: bool) -> None:
+        """Record the sample layout of the outputs of a call on data, where it moves."""
+        tr = self.capture.tracker
+        if tr.n is None:
+            return
+        data, moved = [], moves
+        for i, t in enumerate(tensors):
+            if tr.kind(t) != DATA:
+                continue
+            rec = tr.recorded(t)
+            if rec is None:
+                rec = default_layout(t.shape, tr.n) or "a call before this one"
+            else:
+                moved = True
+            if isinstance(rec, str):
+                for o in outputs_of(out):
+                    tr.record(o, None, rec)
+                return
+            data.append((i, t, rec))
+        if moved and data:
+            follow(func, args, kwargs, out, data, tr.n, tr.record)
 
     def _untracked(self, func, args, kwargs, kinds):
         out = func(*args, **kwargs)
@@ -142,6 +175,13 @@ def _pools_samples(args, kwargs) -> bool:
     return any(isinstance(d, int) and d % x.dim() == 0 for d in dims)
 
 
+
+
+def outputs_of(out: Any) -> Iterator[torch.Tensor]:
+    """Tensor outputs of a call."""
+    for t in out if isinstance(out, (list, tuple)) else (out,):
+        if isinstance(t, torch.Tensor):
+            yield t
 
 
 def outputs_requiring_grad(out: Any) -> Iterator[torch.Tensor]:

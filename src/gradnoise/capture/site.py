@@ -1,25 +1,27 @@
-"""A *site*: one use of trainable parameters by one call of a rule.
+"""A *site*: one call of a rule, and the one adapter between rules and the store.
 
-The router resolves each tensor argument of a call to ``(parameter, view)``: the
-tracked parameter it is, or is a view (slice) of, and the view itself (``None`` for the
-whole parameter). A site carries these to the rule's backward, where the per-sample
-results are handed to the capture's :class:`~gradnoise.capture.store.SampleStore`.
+A rule's front end resolves each measured tensor argument of its call to a reference —
+:class:`ParamRef` (a parameter, or a view of one: ``w.t()``, a slice ``w[e:2e]``) or an
+:class:`~gradnoise.capture.expression.ExprRef` (a parameter expression) — and opens a
+:class:`Site` with them by role (``"weight"``, ``"bias"``), the number of samples and its
+memory budget. The site registers one use of every parameter involved, with the forward
+factor the rule declares (:meth:`Site.use`). In the backward pass the rule's kernel
+returns per-sample forms (:mod:`~gradnoise.capture.forms`) in the coordinates of the
+tensor the call used; :meth:`Site.give` places them in the parameter's coordinates
+(transposes and row spans stay factored; any other view is scattered densely),
+maps an expression's per-sample gradients back to its parameters, and hands them to the
+store, which chooses the route and the chunks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from ..errors import CaptureStateError
-from .store import SampleStore
-
-
-def sq_norms(t: torch.Tensor, dims=1) -> torch.Tensor:
-    """``Σ t²`` over ``dims`` (one fused reduction; faster than ``t.square().sum``)."""
-    low = t.dtype in (torch.float16, torch.bfloat16)
-    return torch.linalg.vector_norm(t, dim=dims, dtype=torch.float32 if low else None).square()
+from .forms import Dense, Factored, Form, ForwardFactor, Lookup
+from .store import BUDGET_FLOOR, SampleStore
 
 
 def take(box: list):
@@ -54,66 +56,127 @@ class ParamRef:
         same = v.shape == p.shape and v.stride() == p.stride() and v.storage_offset() == p.storage_offset()
         return ParamRef(p, None if same else v)
 
-    def first_row(self) -> "ParamRef":
-        """The view restricted to ``[:1]`` of its leading dimension."""
-        return self.then(lambda t: t[:1])
-
 
 @dataclass(frozen=True)
 class Policy:
-    """How rules may compute: ``route`` forces the Linear/sequence route (``"gram"`` or
-    ``"materialise"``; None: the cheaper by measured cost) and ``max_chunk`` caps the
-    samples per chunk of materialised per-sample gradients (None: by memory budget).
-    For tests and benchmarks; the defaults are what users want."""
+    """How rules may compute: ``route`` forces the own-norm route of factored uses
+    (``"gram"`` or ``"materialise"``; None: the cheaper, :func:`~gradnoise.capture.store.route`)
+    and ``max_chunk`` caps the samples per chunk (None: by memory budget). For tests and
+    benchmarks; the defaults are what users want."""
 
     route: Optional[str] = None
     max_chunk: Optional[int] = None
 
-    def chunk(self, step: int) -> int:
-        return step if self.max_chunk is None else max(1, min(step, self.max_chunk))
+
+def view_kind(param: torch.Tensor, view: Optional[torch.Tensor]) -> Tuple[str, int]:
+    """How a call's view relates to its parameter: ``("whole", 0)``, ``("t", 0)`` (the
+    transpose of a 2-D parameter), ``("rows", start)`` (rows ``start…`` of a contiguous
+    2-D parameter) or ``("other", 0)``."""
+    if view is None:
+        return "whole", 0
+    if param.dim() == 2 and view.dim() == 2 and view.storage_offset() == param.storage_offset() \
+            and tuple(view.shape) == tuple(param.shape)[::-1] and view.stride() == param.stride()[::-1]:
+        return "t", 0
+    offset = view.storage_offset() - param.storage_offset()
+    if param.dim() == 2 and param.is_contiguous() and view.dim() == 2 and view.shape[1] == param.shape[1] \
+            and view.stride() == param.stride() and offset % param.shape[1] == 0:
+        return "rows", offset // param.shape[1]
+    return "other", 0
 
 
-@dataclass(frozen=True)
+def positions(param: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """Flat indices into ``param`` of the elements of ``view`` (a view of it)."""
+    offset = view.storage_offset() - param.storage_offset()
+    base = torch.arange(param.numel(), device=param.device).view(param.shape)
+    return base.as_strided(view.shape, view.stride(), offset).reshape(-1)
+
+
+def place(form: Form, param: torch.Tensor, view: Optional[torch.Tensor]) -> Form:
+    """``form`` (gradients of ``view``) as gradients of the whole ``param``."""
+    kind, start = view_kind(param, view)
+    if kind == "whole":
+        return form
+    if isinstance(form, Factored) and kind == "t":
+        return form.swapped()
+    if isinstance(form, Factored) and kind == "rows":
+        return replace(form, start=start, num_rows=param.shape[0])
+    g = form.materialise()
+    full = g.new_zeros(g.shape[0], param.numel())
+    full.index_add_(1, positions(param, view), g.reshape(g.shape[0], -1))
+    return Dense(full.view(g.shape[0], *param.shape))
+
+
 class Site:
-    """The store and the parameters (``None`` when not measured) of one call."""
+    """The measured tensors of one call by role, with one registered use of each of
+    their parameters. ``n`` samples; the rule's temporaries stay within ``budget``
+    elements (at least :data:`~gradnoise.capture.store.BUDGET_FLOOR`)."""
 
-    store: SampleStore
-    weight: Optional["Ref"] = None
-    bias: Optional["Ref"] = None
-    policy: Policy = Policy()
+    def __init__(self, store: SampleStore, refs: Dict[str, object], n: int, budget: int = 0,
+                 policy: Policy = Policy()):
+        self.store, self.n, self.policy = store, n, policy
+        self.budget = max(budget, BUDGET_FLOOR)
+        self.refs = {k: r for k, r in refs.items() if r is not None}
+        self._uses: Dict[str, list] = {}
 
-    def wants_grads(self, ref: Optional["Ref"]) -> bool:
+    def __contains__(self, role: str) -> bool:
+        return role in self.refs
+
+    def use(self, role: str, side: Optional[str] = None, factor: Optional[Callable[[], torch.Tensor]] = None) -> None:
+        """Register the use of ``role``. A factored use names the side of its factor known
+        in the forward pass — ``"cols"`` (a Linear's input), ``"rows"`` or ``"ids"`` (a
+        table's ids) — and ``factor()`` gives it, samples first, in the call's
+        coordinates; without them the use is dense."""
+        ref = self.refs.get(role)
         if ref is None:
-            return False
-        return not isinstance(ref, ParamRef) or self.store.wants_grads(ref.param, ref.view)
+            return
+        if not isinstance(ref, ParamRef):  # an expression: dense uses of its parameters
+            self._uses[role] = [(p, self.store.add_use(p)) for p in ref.params]
+            return
+        kind, start = view_kind(ref.param, ref.view)
+        placed = None
+        if side is not None and (kind == "whole" or (kind == "rows" and side == "cols")):
+            placed = "rows" if side == "ids" else side
+        elif side in ("rows", "cols") and kind == "t":
+            placed = "rows" if side == "cols" else "cols"
+        fwd = None if placed is None else _lazy(lambda: ForwardFactor(placed, factor()))
+        rows = ref.param.shape[0] if ref.param.dim() else 1
+        span = (start, ref.tensor.shape[0]) if kind == "rows" else (0, rows)
+        self._uses[role] = [(ref.param, self.store.add_use(ref.param, fwd, span))]
 
-    def give(
-        self,
-        ref: Optional["Ref"],
-        sq_norms: Callable[[], torch.Tensor],
-        grads: Callable[[], torch.Tensor],
-        n: int,
-        start: int = 0,
-    ) -> None:
-        """Hand one parameter's per-sample results for samples ``start, …`` of a batch
-        of ``n`` to the store (no-op for ``None``). ``grads()`` are per-sample gradients
-        of the tensor the call used; for a parameter expression they are mapped back to
-        its parameters."""
-        give(self.store, ref, sq_norms, grads, n, start)
+    def give(self, role: str, form: Form, want_sum: bool = False) -> Optional[torch.Tensor]:
+        """Hand over the per-sample gradients of ``role`` (in the call's coordinates).
+        Returns ``Σ_n G_n`` of the tensor the call used when ``want_sum``."""
+        ref = self.refs.get(role)
+        if ref is None:
+            return form.total() if want_sum else None
+        uses = self._uses.pop(role, None)
+        if uses is None:
+            raise CaptureStateError("a second backward through the same graph inside one capture: "
+                                    "per-sample results would count twice; open one capture per backward pass")
+        if not isinstance(ref, ParamRef):
+            g = form.materialise()
+            for (p, use), (_, gp) in zip(uses, ref.param_grads(g)):
+                self.store.give(p, use, Dense(gp), budget=self.budget, policy=self.policy)
+            return g.sum(0) if want_sum else None
+        (p, use), = uses
+        whole = ref.view is None
+        total = self.store.give(p, use, place(form, p, ref.view), want_sum=want_sum and whole,
+                                budget=self.budget, policy=self.policy)
+        if want_sum and not whole:
+            total = form.total()
+        return total
 
 
-def give(store: SampleStore, ref, norms: Callable[[], torch.Tensor], grads: Callable[[], torch.Tensor],
-         n: int, start: int = 0) -> None:
-    """Hand one use's per-sample results to ``store`` (see :meth:`Site.give`)."""
-    if ref is None:
-        return
-    if isinstance(ref, ParamRef):
-        store.add(ref.param, ref.view, norms, grads, n, start)
-        return
-    g = grads()
-    c = g.shape[0]
-    for p, gp in ref.param_grads(g):
-        store.add(p, None, lambda gp=gp: sq_norms(gp.reshape(c, -1)), lambda gp=gp: gp, n, start)
+def _lazy(make: Callable[[], ForwardFactor]) -> Callable[[], ForwardFactor]:
+    """``make()`` computed once, on first call."""
+    cache: list = []
+
+    def get() -> ForwardFactor:
+        if not cache:
+            cache.append(make())
+        return cache[0]
+    return get
 
 
 Ref = object  # ParamRef or gradnoise.capture.expression.ExprRef
+__all__ = ["ParamRef", "Policy", "Site", "Lookup", "take"]

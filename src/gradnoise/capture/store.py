@@ -1,33 +1,91 @@
-"""Where one capture's per-sample results accumulate.
+"""Where one capture's per-sample results accumulate, use by use.
 
-Rules hand their raw results to :class:`SampleStore` in the loss's own units (under
-``reduction="mean"`` every output gradient carries a 1/B). The store keeps them raw and
-scales once, at the end, to ``g_i = ∇l_i`` (norms by B², gradients by B). It combines
-the uses of each parameter:
+Rules hand over each *use* of a parameter in one of the forms of
+:mod:`~gradnoise.capture.forms`, in the loss's own units (under ``reduction="mean"``
+every output gradient carries a 1/B); the store scales once, at the end, to
+``g_i = ∇l_i`` (squared norms by B²). A parameter's per-sample squared norm is
 
-* a parameter used once, as a whole, receives per-sample squared norms ``[N]``;
-* a parameter used several times, or through views (slices), needs the cross terms
-  ``||Σ_k g_i⁽ᵏ⁾||² ≠ Σ_k ||g_i⁽ᵏ⁾||²``, so its uses hand over per-sample gradients
-  ``[N, *shape]`` that are summed (each view into its own positions) before the norm.
+    ||Σ_k G⁽ᵏ⁾_n||² = Σ_k ||G⁽ᵏ⁾_n||² + 2 Σ_{k<l} ⟨G⁽ᵏ⁾_n, G⁽ˡ⁾_n⟩
+
+Each use's own norm takes the cheaper route (:func:`route`). Cross terms come from the
+factors: every use registers its forward factor in the forward pass; when a use's
+gradients arrive, they are projected on the forward factor of each use still to come
+(or, where that is smaller, kept as they are), and a use that arrives takes
+``Σ_t y_t·Q_t`` with its own factor ``y``. Only uses with no factored form (dense
+per-sample gradients of a module rule or a parameter expression) make the store hold
+``[n, numel]``: the running sum of the uses before them.
+
+A capture may see several forward/backward *passes* (gradient accumulation); each pass's
+samples are appended. Under ``reduction="mean"`` each micro-batch loss is taken to be
+scaled by its share ``b_j/B`` of the step, and every raw result is scaled by the total B.
 """
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..errors import CaptureStateError
+from .forms import Dense, Form, ForwardFactor, acc, as_matrix, cross, project, sq_norms
+
+# A rule's temporaries stay within max(the size of its layer's input, this many elements).
+BUDGET_FLOOR = 1 << 18
+
+
+def chunk_size(n: int, per_sample: int, budget: int) -> int:
+    """Samples per chunk so that ``[c, per_sample]`` stays within ``max(budget,
+    BUDGET_FLOOR, per_sample)`` elements."""
+    return max(1, min(n, max(budget, BUDGET_FLOOR) // max(per_sample, 1)))
+
+
+def route(form: Form, want_sum: bool, budget: int, forced: Optional[str], max_chunk: Optional[int]) -> Tuple[str, int]:
+    """``("gram" | "materialise", samples per chunk)`` for one use's own norm.
+
+    Factored ``[T, R] × [T, C]`` per sample: materialising costs ``T·R·C`` (the weight
+    gradient's own cost, free when the caller wants ``Σ_n G_n`` from it) plus ``R·C``
+    memory per sample; the Gram route ``T²(R + C)``. Measured on 2 CPU threads:
+    materialise while chunks hold ≥ 8 samples (or the whole batch) and the sum is
+    wanted, or where ``T(R + C) > R·C``; else Gram. Lookups and dense forms have one route.
+    """
+    n = form.n
+    cap = (lambda c: c) if max_chunk is None else (lambda c: max(1, min(c, max_chunk)))
+    if not hasattr(form, "factor_dims"):
+        return "gram", cap(chunk_size(n, 2 * form.elements(), budget))
+    t, r, c = form.factor_dims()
+    mat_step = chunk_size(n, _cost(form, "materialise"), budget)
+    choice = forced or ("materialise" if (want_sum and mat_step >= min(n, 8)) or t * (r + c) > r * c else "gram")
+    if not getattr(form, "has_gram", True):
+        choice = "materialise"
+    return choice, cap(chunk_size(n, _cost(form, choice), budget))
+
+
+def _cost(form, choice: str) -> int:
+    """Elements one sample needs on route ``choice``."""
+    if hasattr(form, "chunk_cost"):
+        return form.chunk_cost(choice)
+    t, r, c = form.factor_dims()
+    return r * c if choice == "materialise" else 2 * t * t
+
+
+@dataclass
+class _Use:
+    fwd: Optional[Callable[[], ForwardFactor]]  # None: a dense use
+    span: Tuple[int, int] = (0, 0)  # rows (start, R) of its row factor, for cols-side factors
+    done: bool = False
+    q: Optional[torch.Tensor] = None
+    kept: List[Form] = field(default_factory=list)
+
+
+@dataclass
+class _Param:
+    uses: List[_Use] = field(default_factory=list)
+    sq: Optional[torch.Tensor] = None
+    dense: Optional[torch.Tensor] = None  # Σ of arrived uses, [n, R, C], while a dense use is to come
 
 
 class SampleStore:
-    """Per-sample squared norms and gradients of the parameters of one capture.
-
-    A capture may see several forward/backward *passes* (gradient accumulation over
-    micro-batches); each pass's samples are appended. Under ``reduction="mean"`` each
-    micro-batch loss is taken to be scaled by its share ``b_j/B`` of the step, so that
-    the accumulated gradient is the mean over all ``B`` samples (the usual convention),
-    and every raw result is scaled by the total ``B``.
+    """Per-sample squared norms of the parameters of one capture, combined over uses.
 
     Args:
         names: ``id(parameter) -> name`` of the parameters being measured.
@@ -42,23 +100,16 @@ class SampleStore:
         self.on_first_touch = on_first_touch
         self._touched: set = set()
         self._passes: List[Tuple[int, Dict[str, torch.Tensor]]] = []
-        self._index_cache: Dict[tuple, torch.Tensor] = {}
         self._new_pass()
 
     def _new_pass(self) -> None:
-        self.uses: Counter = Counter()
-        self._filled: Counter = Counter()
+        self._params: Dict[int, _Param] = {}
         self._pass_n: Optional[int] = None
         self._in_backward = False
-        self._sq_norms: Dict[str, torch.Tensor] = {}
-        self._grads: Dict[str, torch.Tensor] = {}
 
     def _close_pass(self) -> None:
         if self._pass_n is not None:
-            norms = dict(self._sq_norms)
-            for name, g in self._grads.items():
-                val = torch.linalg.vector_norm(g, dim=1).square()
-                norms[name] = val if name not in norms else norms[name] + val
+            norms = {self.names[k]: st.sq for k, st in self._params.items() if st.sq is not None}
             self._passes.append((self._pass_n, norms))
         self._new_pass()
 
@@ -74,23 +125,23 @@ class SampleStore:
         return [n for n, _ in self._passes] + ([self._pass_n] if self._pass_n is not None else [])
 
     # ---- forward side -------------------------------------------------------------
-    def add_use(self, param: torch.Tensor) -> None:
-        """Count one use of ``param`` in the forward pass (a forward after a backward
-        starts a new pass)."""
+    def add_use(self, param: torch.Tensor, fwd: Optional[Callable[[], ForwardFactor]] = None,
+                span: Tuple[int, int] = (0, 0)) -> int:
+        """Register one use of ``param`` in the forward pass (a forward after a backward
+        starts a new pass); ``fwd`` gives its forward factor, samples first (None: the use
+        hands over dense gradients). Returns the use's index for :meth:`give`."""
         if self._in_backward:
             self._close_pass()
-        self.uses[id(param)] += 1
+        st = self._params.setdefault(id(param), _Param())
+        st.uses.append(_Use(fwd, span))
+        return len(st.uses) - 1
 
-    def wants_grads(self, param: torch.Tensor, view: Optional[torch.Tensor]) -> bool:
-        """True when the rule must hand over per-sample gradients, not just norms: the
-        parameter has several uses, or a use of part of it (a view that is a mere
-        permutation of all its elements, such as ``w.t()``, has the same norms)."""
-        return (view is not None and not is_permutation(view, param)) or self.uses[id(param)] > 1
+    def uses(self, param: torch.Tensor) -> int:
+        st = self._params.get(id(param))
+        return 0 if st is None else len(st.uses)
 
     # ---- backward side ------------------------------------------------------------
-    def _check_batch(self, param: torch.Tensor, n: int, c: int) -> None:
-        """``c`` more samples of a batch of ``n`` for ``param``: every use hands over each
-        sample exactly once, so more than ``uses × n`` means a second backward."""
+    def _start(self, param: torch.Tensor, use: int, n: int) -> Tuple[_Param, _Use]:
         self._in_backward = True
         key = id(param)
         if key not in self._touched:
@@ -104,72 +155,87 @@ class SampleStore:
                 f"one forward/backward pass saw batches of {self._pass_n} and {n} samples; "
                 "run one backward per forward (micro-batch)"
             )
-        self._filled[key] += c
-        if self._filled[key] > n * max(1, self.uses[key]):
+        st = self._params.get(key)
+        if st is None or use >= len(st.uses) or st.uses[use].done:
             raise CaptureStateError(
                 f"parameter '{self.names[key]}' received per-sample results twice: a second "
                 "backward through the same graph inside one capture is not supported; "
                 "open one capture per backward pass"
             )
+        return st, st.uses[use]
 
-    def add_sq_norms(self, param: torch.Tensor, sq_norms: torch.Tensor, n: int, start: int = 0) -> None:
-        """Add raw squared norms ``[c]`` of samples ``start, …`` of a batch of ``n`` for a
-        single whole-parameter use."""
-        self._check_batch(param, n, sq_norms.shape[0])
-        name = self.names[id(param)]
-        value = _acc(sq_norms)
-        buf = self._sq_norms.get(name)
-        if buf is None and start == 0 and value.shape[0] == n:
-            self._sq_norms[name] = value
-            return
-        if buf is None:
-            buf = self._sq_norms[name] = value.new_zeros(n)
-        buf[start : start + value.shape[0]] += value
+    def give(self, param: torch.Tensor, use: int, form: Form, *, want_sum: bool = False, budget: int = 0,
+             policy=None) -> Optional[torch.Tensor]:
+        """Hand over use ``use`` of ``param`` (a form over the whole parameter). Returns
+        ``Σ_n G_n`` when ``want_sum`` (from the materialised gradients where they were
+        computed, else from the form)."""
+        st, u = self._start(param, use, form.n)
+        forced = getattr(policy, "route", None)
+        max_chunk = getattr(policy, "max_chunk", None)
+        sq, total = self._own(form, want_sum, budget, forced, max_chunk)
+        if len(st.uses) > 1:
+            sq = sq + 2 * self._cross(st, u, form)
+            self._leave(param, st, u, form)
+        u.done = True
+        st.sq = sq if st.sq is None else st.sq + sq
+        return total
 
-    def add_grads(
-        self, param: torch.Tensor, grads: torch.Tensor, view: Optional[torch.Tensor], n: int, start: int = 0
-    ) -> None:
-        """Add raw per-sample gradients ``[c, *view.shape]`` (or ``[c, *param.shape]``)
-        of samples ``start, …, start + c − 1`` of a batch of ``n``."""
-        c = grads.shape[0]
-        self._check_batch(param, n, c)
-        name = self.names[id(param)]
-        flat = _acc(grads.reshape(c, -1))
-        buf = self._grads.get(name)
-        if buf is None:
-            buf = self._grads[name] = flat.new_zeros(n, param.numel())
-        rows = buf[start : start + c]
-        if view is None:
-            rows += flat
-        else:
-            rows.index_add_(1, self._positions(param, view), flat)
+    def _own(self, form: Form, want_sum: bool, budget: int, forced, max_chunk):
+        """Own squared norms ``[n]`` of one use and, if wanted, ``Σ_n G_n``."""
+        choice, step = route(form, want_sum, budget, forced, max_chunk)
+        n = form.n
+        parts, total = [], None
+        for lo in range(0, n, step):
+            part = form if step >= n else form.slice(lo, lo + step)
+            if choice == "materialise":
+                g = part.materialise()
+                parts.append(sq_norms(g))
+                if want_sum:
+                    s = g.sum(0)
+                    total = s if total is None else total.add_(s)
+                del g
+            else:
+                parts.append(part.gram_sq_norms())
+        sq = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if want_sum and total is None:
+            total = form.total()
+        return sq, total
 
-    def add(
-        self,
-        param: torch.Tensor,
-        view: Optional[torch.Tensor],
-        sq_norms: Callable[[], torch.Tensor],
-        grads: Callable[[], torch.Tensor],
-        n: int,
-        start: int = 0,
-    ) -> None:
-        """Hand over one use (or a chunk of samples of it): ``sq_norms()`` ``[c]`` when
-        that suffices, else ``grads()`` ``[c, *shape]``."""
-        if self.wants_grads(param, view):
-            self.add_grads(param, grads(), view, n, start)
-        else:
-            self.add_sq_norms(param, sq_norms(), n, start)
+    def _cross(self, st: _Param, u: _Use, form: Form) -> torch.Tensor:
+        """``Σ_{arrived k} ⟨G_n, G⁽ᵏ⁾_n⟩`` of an arriving use."""
+        if u.fwd is None:  # dense: against the running sum of the arrived uses
+            if st.dense is None:
+                return torch.zeros(form.n, dtype=_acc_dtype(form), device=_device(form))
+            g = as_matrix(form, st.dense.shape[1], st.dense.shape[2])
+            return (g * st.dense).sum((1, 2))
+        _, y = form.backward_factor()
+        q = u.q
+        if u.kept:
+            f = u.fwd()
+            for k in u.kept:
+                p = project(k, f, u.span)
+                q = p if q is None else q + p
+        if q is None:
+            return torch.zeros(form.n, dtype=acc(y).dtype, device=y.device)
+        return cross(q, y)
 
-    def _positions(self, param: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-        """Flat indices into ``param`` of the elements of ``view`` (a view of it)."""
-        key = (id(param), tuple(view.shape), view.stride(), view.storage_offset())
-        idx = self._index_cache.get(key)
-        if idx is None:
-            offset = view.storage_offset() - param.storage_offset()
-            base = torch.arange(param.numel(), device=param.device).view(param.shape)
-            idx = base.as_strided(view.shape, view.stride(), offset).reshape(-1)
-            self._index_cache[key] = idx
-        return idx
+    def _leave(self, param: torch.Tensor, st: _Param, u: _Use, form: Form) -> None:
+        """What the uses still to come need of this one: its projection on their forward
+        factors (or the form itself, when smaller), and the running dense sum."""
+        pending = [v for v in st.uses if not v.done and v is not u]
+        if any(v.fwd is None for v in pending):
+            g = as_matrix(form, *_param_matrix(param))
+            st.dense = g if st.dense is None else st.dense + g
+        for v in pending:
+            if v.fwd is None:
+                continue
+            f = v.fwd()
+            q_size = f.x.shape[1] * (v.span[1] if f.side == "cols" else _param_matrix(param)[1])
+            if form.elements() <= q_size and not isinstance(form, Dense):
+                v.kept.append(form)
+            else:
+                p = project(form, f, v.span)
+                v.q = p if v.q is None else v.q + p
 
     # ---- results ------------------------------------------------------------------
     def sq_norms(self) -> Tuple[List[str], Optional[torch.Tensor]]:
@@ -197,21 +263,15 @@ class SampleStore:
         return list(names), rows
 
 
-def is_permutation(view: torch.Tensor, param: torch.Tensor) -> bool:
-    """True when ``view`` holds every element of the contiguous ``param`` exactly once."""
-    if view.numel() != param.numel() or view.storage_offset() != param.storage_offset() \
-            or not param.is_contiguous():
-        return False
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(view.stride(), view.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+def _param_matrix(param: torch.Tensor) -> Tuple[int, int]:
+    rows = param.shape[0] if param.dim() else 1
+    return rows, max(1, param.numel() // max(rows, 1))
 
 
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in its accumulation dtype: float64 stays, anything else becomes float32."""
-    if t.dtype == torch.float64 or t.dtype == torch.float32:
-        return t
-    return t.float()
+def _acc_dtype(form: Form) -> torch.dtype:
+    t = form.grads if isinstance(form, Dense) else form.cols
+    return acc(t).dtype
+
+
+def _device(form: Form) -> torch.device:
+    return (form.grads if isinstance(form, Dense) else form.cols).device

@@ -15,19 +15,21 @@ The router classifies every tensor argument before deciding what a call needs:
 * ``CONST``  — anything else (buffers, ``torch.arange``, masks built from shapes).
 
 The samples of a forward pass are the rows of the leading dimension of the model's first
-tensor input (``n``). A data tensor whose leading dimension is ``k·n`` holds ``k`` rows per
-sample, sample-major (rows ``i·k … i·k + k − 1`` belong to sample ``i``), as
-``x.view(n·k, …)`` of an ``[n, k, …]`` tensor gives: Hugging Face's ``Conv1D`` input
-``[B·T, d]``, Swin's windows ``[B·nW, N, C]``.
+tensor input (``n``); other inputs with ``n`` rows are per-sample data too, inputs of
+another leading size are constants. Data carries the samples on the dimension its
+:class:`~gradnoise.capture.layout.Layout` names: followed from the inputs through every
+call that moves dimensions (:mod:`~gradnoise.capture.follow`) and recorded where it is not
+the default (dim 0, sample-major: ``[n·k, …]`` is ``k`` rows per sample).
 """
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 
 from ..errors import UnsupportedUseError
+from .layout import Layout, check, default_layout
 
 PARAM, EXPR, DATA, POOLED, CONST = "param", "expr", "data", "pooled", "const"
 
@@ -47,30 +49,36 @@ class TensorSet:
             return item[1]
         return None
 
+    def discard(self, t: torch.Tensor) -> None:
+        self._items.pop(id(t), None)
+
     def clear(self) -> None:
         self._items.clear()
 
 
 class Tracker:
-    """The per-capture record of data, pooled values and parameter expressions."""
+    """The per-capture record of data, pooled values, parameter expressions and the
+    sample layouts of data."""
 
     def __init__(self):
         self.n: Optional[int] = None  # samples of the current forward pass
         self.exprs = TensorSet()
         self.data = TensorSet()
         self.pooled = TensorSet()
+        self.layouts = TensorSet()  # data -> Layout, or the name of the call that lost the samples
 
     def start_forward(self, inputs: Iterable) -> None:
-        """The model's forward begins: its tensor inputs are data; the first one with a
-        leading dimension gives the number of samples."""
-        first = None
-        for t in inputs:
-            if isinstance(t, torch.Tensor):
+        """The model's forward begins: the first tensor input with a leading dimension
+        gives the number of samples; tensor inputs with that many rows are data."""
+        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+        first = next((t for t in tensors if t.dim() > 0), None)
+        if first is None:
+            return
+        self.n = int(first.shape[0])
+        for t in tensors:
+            if t.dim() > 0 and t.shape[0] == self.n:
                 self.data.add(t)
-                if first is None and t.dim() > 0:
-                    first = int(t.shape[0])
-        if first is not None:
-            self.n = first
+                self.layouts.discard(t)
 
     def kind(self, t: torch.Tensor) -> str:
         """``DATA``, ``POOLED``, ``EXPR`` or ``CONST`` of a tensor that is no parameter."""
@@ -84,21 +92,49 @@ class Tracker:
             return DATA
         return CONST
 
-    def samples(self, rows: int, what: str) -> int:
-        """The number of samples ``n`` for data with ``rows`` leading rows, checking
-        that ``rows`` is ``n`` or a multiple of it."""
+    def recorded(self, t: torch.Tensor) -> Union[Layout, str, None]:
+        """The recorded layout of ``t`` (or the name of the call that lost its samples);
+        None for the default."""
+        return self.layouts.get(t)
+
+    def record(self, t: torch.Tensor, lay: Optional[Layout], call: str) -> None:
+        """Note the layout of data ``t`` made by ``call`` (None: the samples were lost
+        there); kept only where it is not the default."""
         n = self.n
         if n is None:
-            return rows
-        if rows < n or rows % n:
-            raise UnsupportedUseError(
-                f"{what} meets data whose leading dimension {rows} is neither the batch "
-                f"size {n} nor a multiple of it, so gradnoise cannot tell which sample "
-                "each row belongs to (samples must lie on dim 0, sample-major when folded)"
-            )
-        return n
+            return
+        if lay is not None and check(lay, t.shape, n):
+            if lay == default_layout(t.shape, n):
+                self.layouts.discard(t)
+                return
+            self.layouts.add(t, lay)
+        else:
+            self.layouts.add(t, call)
+
+    def layout(self, t: torch.Tensor, what: str) -> Tuple[Layout, int]:
+        """``(layout, n)`` of data ``t`` for a rule (``what`` names it in errors)."""
+        n = self.n
+        rec = self.layouts.get(t)
+        if n is None:
+            return Layout(0), int(t.shape[0])
+        if isinstance(rec, Layout):
+            return rec, n
+        if rec is None:
+            lay = default_layout(t.shape, n)
+            if lay is not None:
+                return lay, n
+            cause = (f"its leading dimension {t.shape[0] if t.dim() else '(none)'} is neither the "
+                     f"batch size {n} nor a multiple of it")
+        else:
+            cause = f"{rec} moved them where gradnoise cannot follow"
+        raise UnsupportedUseError(
+            f"{what} meets data of shape {tuple(t.shape)} whose samples gradnoise cannot "
+            f"locate: {cause} (samples start on dim 0 of the model's inputs and are followed "
+            "through views, reshapes, transposes, permutes, indexing, joins and matrix products)"
+        )
 
     def clear(self) -> None:
         self.exprs.clear()
         self.data.clear()
         self.pooled.clear()
+        self.layouts.clear()
