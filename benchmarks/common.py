@@ -29,13 +29,14 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """``--repeats --warmup --models --json --threads --seed``."""
-    p.add_argument("--repeats", type=int, default=30, help="timed rounds per model (default 30)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
-    p.add_argument("--models", default="M1,M2,M3", help="comma-separated, from M1,M2,M3")
+def add_common_args(p: argparse.ArgumentParser, repeats: int = 30, warmup: int = 3,
+                    models: str = "M1,M2,M3", threads: int = 2) -> None:
+    """``--repeats --warmup --models --json --threads --seed``, with a script's defaults."""
+    p.add_argument("--repeats", type=int, default=repeats, help=f"timed rounds per model (default {repeats})")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed rounds first (default {warmup})")
+    p.add_argument("--models", default=models, help=f"comma-separated, from {models}")
     p.add_argument("--json", metavar="PATH", help="also write all results, raw times included")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=threads, help=f"torch threads (default {threads})")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -111,8 +111,7 @@ class _Looping:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(p)
-    p.set_defaults(repeats=20)
+    add_common_args(p, repeats=20)
     args = p.parse_args(argv)
     names = split_checked(p, args.models, ("M1", "M2", "M3"), "model")
     torch.set_num_threads(args.threads)

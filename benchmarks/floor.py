@@ -115,8 +115,7 @@ def time_variants(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(p)
-    p.set_defaults(repeats=200)
+    add_common_args(p, repeats=200)
     args = p.parse_args(argv)
     names = split_checked(p, args.models, models.PROBLEMS, "model")
     torch.set_num_threads(args.threads)

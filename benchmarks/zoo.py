@@ -105,8 +105,7 @@ def markdown(rows: List[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p)
-    p.set_defaults(models=",".join(zoo_models.ZOO), repeats=20)
+    add_common_args(p, repeats=20, models=",".join(zoo_models.ZOO))
     p.add_argument("--batch", type=int, default=16, help="samples per batch (default 16)")
     p.add_argument("--size", choices=sorted(zoo_models.SIZES), default="bench",
                    help="model size (default bench; test is the tests' tiny one)")

@@ -4,6 +4,7 @@ import sys
 import types
 
 from .context import Capture, capture
+from .forms import Dense, Factored, Lookup
 
 
 class _CallableModule(types.ModuleType):
@@ -18,4 +19,4 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["Capture", "capture"]
+__all__ = ["Capture", "capture", "Dense", "Factored", "Lookup"]

@@ -193,7 +193,7 @@ class Capture:
             ids = self._ids.get(id(ref.param), (id(ref.param),))
             return None if any(self.active[i] for i in ids) else ref
         if isinstance(t, torch.Tensor):
-            found = self.tracker.exprs.get(t)
+            found = self.tracker.expr(t)
             if found is not None:
                 return ExprRef(found[0], found[1], t, self.suspend)
         return None
@@ -205,7 +205,7 @@ class Capture:
             return True
         tr = self.tracker
         if t.requires_grad:
-            return tr.exprs.get(t) is not None or tr.pooled.get(t) is not None or tr.layouts.get(t) is not None
+            return tr.marked(t)
         return tr.kind(t) != "const"
 
     def site(self, refs: Dict[object, object], n: int, budget: int = 0) -> Site:
@@ -218,15 +218,13 @@ class Capture:
         return self.tracker.layout(t, what)
 
     def record_layout(self, out, lay: Layout) -> None:
-        """A rule's outputs carry its input's samples as ``lay``."""
+        """A rule's outputs carry its input's samples as ``lay`` (nothing to record for
+        the default: dim 0, sample-major)."""
+        n = self.tracker.n
         for o in out if isinstance(out, (list, tuple)) else (out,):
-            if isinstance(o, torch.Tensor):
+            if isinstance(o, torch.Tensor) and not (lay.dim == 0 and lay.outer == 1 and n is not None
+                                                    and o.dim() and o.shape[0] == lay.inner * n):
                 self.tracker.record(o, lay, "a rule")
-
-    def copy_layout(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        rec = self.tracker.recorded(src)
-        if rec is not None:
-            self.tracker.layouts.add(dst, rec)
 
     def direct(self, func, args, kwargs):
         """Send a call to the direct-use rule (a rule's form it does not handle)."""
@@ -251,7 +249,7 @@ class Capture:
             slots[i] = ("param", r.param, r.view) if isinstance(r, ParamRef) else ("expr", r.expr, r.index)
         expr = Expr(func, flat, spec, slots)
         for j, o in live:
-            self.tracker.exprs.add(o, (expr, j))
+            self.tracker.note_expr(o, (expr, j))
 
     @contextlib.contextmanager
     def suspend(self):
@@ -288,8 +286,10 @@ class Capture:
                 raise UnsupportedUseError(
                     f"parameter '{name}' received a gradient but no per-sample gradient "
                     "was computed: its gradient reached the loss without meeting per-sample "
-                    "data, or it was used by code gradnoise cannot see (TorchScript, a C++ "
-                    "extension, a backward outside the capture block)"
+                    "data, or it was used by code gradnoise cannot see (a custom "
+                    "autograd.Function, TorchScript, a C++ extension, a backward outside the "
+                    "capture block); give its module a rule: capture(model, rules={Layer: rule}), "
+                    "see examples/own_rule.py"
                 )
             g = local_shard(p.grad.detach())
             kept.append(name)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedUseError
 from .args import bind
 from .forms import Lookup
-from .layout import to_samples
+from .layout import sample_rows, to_samples
 from .site import ParamRef, Site, take
 
 
@@ -36,9 +36,7 @@ def lookup_form(ids: torch.Tensor, gy: torch.Tensor, num_rows: int) -> Lookup:
 
 
 def _observe(site: Site, ids_s: torch.Tensor, num_rows: int, lay, gy: torch.Tensor) -> None:
-    n = site.n
-    d = to_samples(gy, lay, n).reshape(n, -1, gy.shape[-1])
-    site.give("weight", lookup_form(ids_s, d, num_rows))
+    site.give("weight", lookup_form(ids_s, sample_rows(gy, lay, site.n), num_rows))
 
 
 def handle_embedding(cap, func, args, kwargs):

@@ -261,12 +261,38 @@ def _generic(data: list, out: torch.Tensor) -> Optional[Layout]:
     return res
 
 
+_SAME_ROWS = {_reshape, _expand, _narrow, _squeeze, _unsqueeze, _reduce}
+
+
+def stays(func, x: torch.Tensor, out, args, kwargs) -> bool:
+    """True where ``out`` is known at a glance to keep the samples of ``x`` (on dim 0,
+    sample-major) on dim 0: a reshape, expansion, narrowing, squeeze or reduction whose
+    output keeps the input's leading size, a transpose or permute that leaves dim 0 in
+    place, an index that starts with a whole slice. Then nothing needs recording."""
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or x.dim() == 0 or out.shape[0] != x.shape[0]:
+        return False
+    handler = MOVERS.get(func)
+    if handler in _SAME_ROWS:
+        return handler is not _unsqueeze or int(_arg(args, kwargs, 1, "dim")) % (x.dim() + 1) != 0
+    if handler is _transpose:
+        return 0 not in L.normalise_dims((_arg(args, kwargs, 1, "dim0"), _arg(args, kwargs, 2, "dim1")), x.dim())
+    if handler is _permute:
+        return L.normalise_dims(_dims_arg(args, kwargs, 1, "dims"), x.dim())[0] == 0
+    if handler is _getitem:
+        first = args[1][0] if isinstance(args[1], tuple) and args[1] else args[1]
+        return isinstance(first, slice) and first == slice(None) or first is Ellipsis
+    return False
+
+
 def follow(func, args: Sequence, kwargs: dict, out, data: list, n: int, record: Callable) -> None:
     """Record the layouts of ``out``'s tensors. ``data``: ``(position among the tensor
     arguments, tensor, layout)`` of every per-sample argument; ``record(t, layout, call)``
     (layout None: the samples were lost in ``call``)."""
     outs = _outputs(out)
     if not outs or not data:
+        return
+    if len(data) == 1 and len(outs) == 1 and data[0][2].dim == 0 and data[0][2].outer == 1 \
+            and stays(func, data[0][1], outs[0], args, kwargs):
         return
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
     handler = MOVERS.get(func)

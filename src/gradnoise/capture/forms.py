@@ -27,12 +27,12 @@ dtype: float64 stays float64, anything else is float32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-_BLOCK = 1024  # elements per partial sum of a squared norm
+_ONE_PASS = 1 << 16  # rows up to this many elements: one fused norm (within ~3e-7 in float32)
+_BLOCK = 1 << 12     # longer rows: partial norms of this many elements, added in float64
 
 
 def acc(t: torch.Tensor) -> torch.Tensor:
@@ -43,17 +43,19 @@ def acc(t: torch.Tensor) -> torch.Tensor:
 def sq_norms(t: torch.Tensor) -> torch.Tensor:
     """``Σ t²`` over every dimension but the first: ``[n, …] -> [n]``.
 
-    Rows are summed in blocks of 1024 elements by one fused norm kernel each, and the
-    blocks' squares added in float64: within ~1e-9 of a float64 sum on rows of tens of
-    millions of float32 entries (one norm over the whole row drifts by ~1e-3 there), at
-    the speed of the fused kernel. Half-precision input is read in float32."""
+    Rows longer than 65536 elements are summed in blocks of 4096 by one fused norm kernel
+    each, and the blocks' squares added in float64: within ~1e-8 of a float64 sum on rows
+    of tens of millions of float32 entries (one norm over the whole row drifts by ~5e-3
+    there), at the speed of the fused kernel. Half-precision input is read in float32."""
     n = t.shape[0]
-    flat = t.reshape(n, -1)
-    m = flat.shape[1]
     low = t.dtype in (torch.float16, torch.bfloat16)
     dtype = torch.float32 if low else None
-    if m <= _BLOCK:
-        return acc(torch.linalg.vector_norm(flat, dim=1, dtype=dtype).square())
+    if t.dim() == 1:  # a scalar parameter's gradients
+        return acc(t).square()
+    if t.numel() <= _ONE_PASS * max(n, 1):
+        return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), dtype=dtype).square()
+    flat = t.reshape(n, -1)
+    m = flat.shape[1]
     full = m - m % _BLOCK
     parts = torch.linalg.vector_norm(flat[:, :full].reshape(n, -1, _BLOCK), dim=2, dtype=dtype)
     total = parts.double().square().sum(1)
@@ -67,8 +69,7 @@ def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(acc(a), acc(b).transpose(1, 2))
 
 
-@dataclass(frozen=True)
-class Factored:
+class Factored(NamedTuple):
     """``G_n = Σ_t rows[n, t] ⊗ cols[n, t]``: ``rows`` ``[n, T, R]`` covering parameter
     rows ``[start, start + R)`` of ``num_rows``, ``cols`` ``[n, T, C]``.
 
@@ -77,7 +78,7 @@ class Factored:
 
     rows: torch.Tensor
     cols: torch.Tensor
-    num_rows: int
+    num_rows: Optional[int] = None  # rows of the whole parameter (None: R, no span)
     start: int = 0
     fwd: str = "cols"
 
@@ -90,7 +91,7 @@ class Factored:
         return self.rows.shape[1]
 
     def slice(self, lo: int, hi: int) -> "Factored":
-        return replace(self, rows=self.rows[lo:hi], cols=self.cols[lo:hi])
+        return self._replace(rows=self.rows[lo:hi], cols=self.cols[lo:hi])
 
     def swapped(self) -> "Factored":
         """The same gradients transposed (a use of ``w.t()``); only for whole rows."""
@@ -119,12 +120,17 @@ class Factored:
         """``(T, R, C)``: positions, rows and columns of one sample's factors."""
         return self.positions, self.rows.shape[-1], self.cols.shape[-1]
 
+    def gram_below(self, chunk: int) -> float:
+        """With the sum wanted: materialise whenever chunks hold ≥ 8 samples (or the whole
+        batch), as batched products then cost little beyond the weight gradient they
+        replace (measured on 2 CPU threads); with smaller chunks, Gram where cheaper."""
+        return 0.0 if chunk >= min(self.n, 8) else 1.0
+
     def backward_factor(self) -> Tuple[str, torch.Tensor]:
         return ("rows", self.rows) if self.fwd == "cols" else ("cols", self.cols)
 
 
-@dataclass(frozen=True)
-class Lookup:
+class Lookup(NamedTuple):
     """A table ``[num_rows, C]``: ``G_n[v] = Σ_{t: ids[n, t] = v} cols[n, t]``; ids −1 give
     no gradient. ``ids`` ``[n, T]`` (int64), ``cols`` ``[n, T, C]``."""
 
@@ -137,7 +143,7 @@ class Lookup:
         return self.ids.shape[0]
 
     def slice(self, lo: int, hi: int) -> "Lookup":
-        return replace(self, ids=self.ids[lo:hi], cols=self.cols[lo:hi])
+        return self._replace(ids=self.ids[lo:hi], cols=self.cols[lo:hi])
 
     def gram_sq_norms(self) -> torch.Tensor:
         """``Σ_{t,s} [id_t = id_s] (c_t·c_s)``: rows summed per distinct ``(n, id)``."""
@@ -170,8 +176,7 @@ class Lookup:
         return "cols", self.cols
 
 
-@dataclass(frozen=True)
-class Dense:
+class Dense(NamedTuple):
     """``G_n`` itself: ``grads`` ``[n, *shape]``."""
 
     grads: torch.Tensor
@@ -199,8 +204,7 @@ class Dense:
 Form = Union[Factored, Lookup, Dense]
 
 
-@dataclass(frozen=True)
-class ForwardFactor:
+class ForwardFactor(NamedTuple):
     """A use's factor known since the forward pass, samples first: ``side`` ``"cols"``
     (``x`` ``[n, T, C]``) or ``"rows"`` (``x`` ``[n, T, R]`` for parameter rows
     ``[start, start + R)``, or ids ``[n, T]`` of a table, −1 for none)."""
@@ -214,7 +218,7 @@ class ForwardFactor:
         return not self.x.is_floating_point()
 
     def slice(self, lo: int, hi: int) -> "ForwardFactor":
-        return replace(self, x=self.x[lo:hi])
+        return self._replace(x=self.x[lo:hi])
 
 
 def _rows_weights(f: ForwardFactor, rows: torch.Tensor, start: int) -> torch.Tensor:
@@ -298,6 +302,20 @@ def cross(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``Σ_t y_t · Q_t`` ``[n]``: a use's backward factor ``y`` ``[n, T, d]`` against the
     projection ``Q`` of earlier uses on its forward factor."""
     return (acc(y) * q).sum((1, 2))
+
+
+def inner(form: Form, f: ForwardFactor, span: Tuple[int, int], y: torch.Tensor) -> torch.Tensor:
+    """``⟨G_n, G'_n⟩`` ``[n]`` of ``form`` and a use with forward factor ``f`` and backward
+    factor ``y``: ``cross(project(form, f, span), y)``, except a lookup met on the column
+    side, whose projection would be ``[n, T, V]``: there ``Σ_{t,s} (x_t·c_s) y_t[id_s]``."""
+    if isinstance(form, Lookup) and f.side == "cols":
+        start, size = span
+        local = form.ids - start
+        keep = ((local >= 0) & (local < size) & (form.ids >= 0)).to(acc(y).dtype)
+        idx = local.clamp(0, size - 1).unsqueeze(1).expand(-1, y.shape[1], -1)  # [n, T, S]
+        picked = torch.gather(acc(y), 2, idx) * keep.unsqueeze(1)                # y_t[id_s]
+        return (picked * _gram(f.x, form.cols)).sum((1, 2))
+    return cross(project(form, f, span), y)
 
 
 def as_matrix(form: Form, rows: int, cols: int) -> torch.Tensor:

@@ -18,16 +18,14 @@ raises an error naming the operation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 Shape = Sequence[int]
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     """The sample axis of a tensor: dimension ``dim`` of size ``outer · n · inner``."""
 
     dim: int = 0
@@ -64,10 +62,11 @@ def to_samples(t: torch.Tensor, layout: Layout, n: int) -> torch.Tensor:
     return split.movedim(1, 0).reshape(n, layout.outer * layout.inner, *rest)
 
 
-def from_samples_sum(t: torch.Tensor, layout: Layout, n: int) -> torch.Tensor:
-    """``[n, *other dims]``: ``t`` summed over every position of each sample along the
-    sample dimension (the folded rows), the other dimensions kept in place."""
-    return to_samples(t, layout, n).sum(1)
+def sample_rows(t: torch.Tensor, layout: Layout, n: int) -> torch.Tensor:
+    """``t`` as ``[n, positions, last dim]``: every position of a sample, samples first."""
+    if layout.dim == 0 and layout.outer == 1:
+        return t if t.dim() == 3 and t.shape[0] == n else t.reshape(n, -1, t.shape[-1])
+    return to_samples(t, layout, n).reshape(n, -1, t.shape[-1])
 
 
 # ---- propagation through shape operations ------------------------------------------------

@@ -25,13 +25,13 @@ from ..errors import SampleMixingError, UnsupportedUseError
 from . import amp
 from .args import bind
 from .forms import Dense, Factored, Form
-from .layout import Layout, to_samples
+from .layout import Layout, sample_rows
 from .site import Site, take
 
 
 def linear_forms(a: torch.Tensor, d: torch.Tensor) -> Dict[str, Form]:
     """Per-sample forms of ``F.linear``: ``a`` ``[n, T, d_in]``, ``δ`` ``[n, T, d_out]``."""
-    return {"weight": Factored(d, a, d.shape[-1]), "bias": Dense(d.sum(1))}
+    return {"weight": Factored(d, a, d.shape[-1]), "bias": Dense(d.sum(1) if d.shape[1] > 1 else d[:, 0])}
 
 
 class LinearFn(torch.autograd.Function):
@@ -51,9 +51,7 @@ class LinearFn(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gy.matmul(weight) if need_x else None
         n, lay = site.n, ctx.lay
-        a = to_samples(x, lay, n).reshape(n, -1, x.shape[-1])
-        d = to_samples(gy, lay, n).reshape(n, -1, gy.shape[-1])
-        forms = linear_forms(a, d)
+        forms = linear_forms(sample_rows(x, lay, n), sample_rows(gy, lay, n))
         gb = site.give("bias", forms["bias"], want_sum=need_b)
         gw = site.give("weight", forms["weight"], want_sum=need_w)
         return gx, gw, gb, None, None
@@ -100,8 +98,9 @@ def apply_linear(cap, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if lay.dim == x.dim() - 1:
         raise SampleMixingError("F.linear contracts the sample dimension of its input: each "
                                 "output mixes samples, so per-sample gradients do not exist")
-    site = cap.site({"weight": wref, "bias": bref}, n, budget=x.numel())
-    site.use("weight", "cols", lambda: to_samples(x.detach(), lay, n).reshape(n, -1, x.shape[-1]))
+    out_features = (weight if weight is not None else bias).shape[0]
+    site = cap.site({"weight": wref, "bias": bref}, n, budget=x.numel() // x.shape[-1] * max(x.shape[-1], out_features))
+    site.use("weight", "cols", lambda: sample_rows(x.detach(), lay, n))
     site.use("bias")
     if x.dim() == 2 and lay == Layout(0):
         y = _observed_2d(site, x, weight, bias)

@@ -5,7 +5,7 @@ functional rule: a user's own layer (``capture(model, rules={MyLayer: rule})``) 
 recurrent layer (GRU, LSTM, RNN: fused kernels on flat weights), which the torch.func
 fallback handles (:mod:`gradnoise.capture.fallback`). The protocol::
 
-    rule(module, args, kwargs, output, grad_output) -> {local_name: Tensor[N, *p.shape]}
+    rule(module, args, kwargs, output, grad_output) -> {local_name: Tensor[N, *p.shape] or a form}
 
 ``args``/``kwargs`` are the call's inputs, ``output`` its output, ``grad_output`` the
 gradient of the loss with respect to ``output`` (same structure; ``None`` where an output
@@ -14,7 +14,10 @@ takes no gradient), in the loss's own units: under ``reduction="mean"`` it carri
 checks where it followed them); the rule returns the gradients of the module's *own*
 trainable parameters (``module.named_parameters(recurse=False)``) per row of that
 dimension, ``N`` rows — one per sample, or ``k`` per sample for folded data such as
-``[B·T, d]``, whose rows gradnoise sums per sample.
+``[B·T, d]``, whose rows gradnoise sums per sample — as a tensor, or as one of the forms of
+:mod:`gradnoise.capture.forms`: ``Factored(rows=δ, cols=a)`` for a weight used as
+``Σ_t δ_t a_tᵀ`` (norms by the cheaper route, exact cross terms when the weight is also
+used elsewhere, no ``[N, *shape]`` tensor), ``Lookup`` for a table, ``Dense`` for the rest.
 
 A forward hook taps the module's differentiable outputs with an identity
 ``autograd.Function`` whose backward calls the rule once all output gradients exist.
@@ -32,7 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import FallbackError, SampleMixingError
 from . import fallback
 from .direct import Tap
-from .forms import Dense
+from .forms import Dense, Factored, Lookup
 from .layout import Layout, to_samples
 from .site import ParamRef
 
@@ -120,7 +123,7 @@ class ModuleSite:
         record = (args, kwargs, output, spec, len(flat), idx)
         tapped = Tap.apply(lambda grads: self.run(site, lay, record, grads), *[flat[i] for i in idx])
         for i, t in zip(idx, tapped):
-            cap.copy_layout(flat[i], t)
+            cap.tracker.copy_layout(flat[i], t)
             flat[i] = t
         if isinstance(self.module, nn.RNNBase):
             self._rnn_layouts(flat, lay)
@@ -166,8 +169,8 @@ class ModuleSite:
             cap.suspended = prev
         self._hand_over(site, lay, per)
 
-    def _hand_over(self, site, lay: Layout, per: Mapping[str, torch.Tensor]) -> None:
-        """Per-row gradients from the rule -> per-sample dense forms (rows of a sample summed)."""
+    def _hand_over(self, site, lay: Layout, per: Mapping[str, object]) -> None:
+        """The rule's per-row results -> per-sample forms (a sample's rows summed)."""
         where = f"the rule for module '{self.name or '<model>'}' ({type(self.module).__name__})"
         unknown = set(per) - set(self.params)
         if unknown:
@@ -175,10 +178,23 @@ class ModuleSite:
         rows = lay.outer * site.n * lay.inner
         for local, g in per.items():
             p = self.params[local]
-            if tuple(g.shape[1:]) != tuple(p.shape) or g.shape[0] != rows:
+            form = g if isinstance(g, (Dense, Factored, Lookup)) else Dense(g)
+            if form.n != rows or (isinstance(form, Dense) and tuple(form.grads.shape[1:]) != tuple(p.shape)):
+                shape = tuple(form.grads.shape) if isinstance(form, Dense) else f"a form of {form.n} rows"
                 raise FallbackError(
-                    f"{where} returned shape {tuple(g.shape)} for '{local}', expected "
+                    f"{where} returned {shape} for '{local}', expected "
                     f"[{rows}, {', '.join(map(str, p.shape))}] (one row per input row)"
                 )
-            grads = g if rows == site.n else to_samples(g, Layout(0, lay.outer, lay.inner), site.n).sum(1)
-            site.give(local, Dense(grads))
+            site.give(local, form if rows == site.n else per_sample(form, lay, site.n))
+
+
+def per_sample(form, lay: Layout, n: int):
+    """A form over the rows of folded data (``k`` rows per sample) as one over its samples:
+    dense gradients summed per sample, factors laid side by side."""
+    rows = Layout(0, lay.outer, lay.inner)
+    if isinstance(form, Dense):
+        return Dense(to_samples(form.grads, rows, n).sum(1))
+    fold = lambda t: to_samples(t, rows, n).flatten(1, 2)  # noqa: E731  [n, k·T, …]
+    if isinstance(form, Lookup):
+        return form._replace(ids=fold(form.ids), cols=fold(form.cols))
+    return form._replace(rows=fold(form.rows), cols=fold(form.cols))

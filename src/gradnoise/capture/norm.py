@@ -28,22 +28,29 @@ from .site import Site, take
 def affine_forms(xhat: Optional[torch.Tensor], d: torch.Tensor, w_shape, b_shape, channel: bool) -> Dict[str, Form]:
     """Per-sample forms of an affine ``x̂ ⊙ w + b``: ``x̂`` and ``δ`` ``[n, k, *feature
     dims]`` (``k`` positions of the sample dimension per sample); ``channel``: the
-    parameters run along feature dim 0 (GroupNorm, InstanceNorm, BatchNorm), else along
-    the last ``len(w_shape)`` dims (LayerNorm, RMSNorm)."""
+    parameters run along feature dim 0 (GroupNorm, InstanceNorm, BatchNorm: sums over the
+    positions are dot products per channel), else along the last ``len(w_shape)`` dims
+    (LayerNorm, RMSNorm)."""
     out = {}
+    if channel:
+        d3 = _channels(d)
+        if w_shape is not None:
+            out["weight"] = Dense(torch.linalg.vecdot(d3, _channels(xhat), dim=-1))
+        if b_shape is not None:
+            out["bias"] = Dense(d3.sum(-1))
+        return out
+    n = d.shape[0]
     if w_shape is not None:
-        out["weight"] = Dense(_per_sample(d * xhat, w_shape, channel))
+        out["weight"] = Dense((d * xhat).reshape(n, -1, *w_shape).sum(1))
     if b_shape is not None:
-        out["bias"] = Dense(_per_sample(d, b_shape, channel))
+        out["bias"] = Dense(d.reshape(n, -1, *b_shape).sum(1))
     return out
 
 
-def _per_sample(t: torch.Tensor, shape: Sequence[int], channel: bool) -> torch.Tensor:
-    """Sum ``t`` ``[n, k, *features]`` over all dims but the sample and the parameter's."""
-    n = t.shape[0]
-    if channel:
-        return t.reshape(n, t.shape[1], t.shape[2], -1).sum((1, 3))
-    return t.reshape(n, -1, *shape).sum(1)
+def _channels(t: torch.Tensor) -> torch.Tensor:
+    """``[n, k, C, *S] -> [n, C, k·S]``."""
+    n, k, c = t.shape[:3]
+    return t.reshape(n, c, -1) if k == 1 else t.transpose(1, 2).reshape(n, c, -1)
 
 
 def _observed(cap, y: torch.Tensor, x: torch.Tensor, weight, bias, recompute: Callable, channel: bool):

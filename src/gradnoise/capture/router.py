@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import SampleMixingError, UnsupportedUseError
 from .direct import describe, func_name, handle_direct
-from .follow import LAYOUT_FUNCS, follow
+from .follow import LAYOUT_FUNCS, follow, stays
 from .layout import default_layout
 from .rules import ALWAYS, FUNCTION_RULES
 from .tracking import CONST, DATA, POOLED
@@ -70,8 +70,11 @@ class Router(TorchFunctionMode):
             return func(*args, **kwargs)
         tensors = list(_tensors(args, kwargs))
         moves = func in LAYOUT_FUNCS
-        if not moves and func not in REDUCTIONS and not any(map(cap.notable, tensors)):
-            return func(*args, **kwargs)  # data on dim 0 that requires grad, and constants
+        if func not in REDUCTIONS and not any(map(cap.notable, tensors)):
+            out = func(*args, **kwargs)  # data on dim 0 that requires grad, and constants
+            if moves and not (len(tensors) == 1 and stays(func, tensors[0], out, args, kwargs)):
+                self._follow(func, args, kwargs, out, tensors, True)  # where the samples went
+            return out
         flat, spec = tree_flatten((args, kwargs))
         refs, kinds = {}, set()
         for i, t in enumerate(flat):
@@ -106,11 +109,11 @@ class Router(TorchFunctionMode):
     def _follow(self, func, args, kwargs, out, tensors, moves: bool) -> None:
         """Record the sample layout of the outputs of a call on data, where it moves."""
         tr = self.capture.tracker
-        if tr.n is None:
+        if tr.n is None or not tensors:
             return
         data, moved = [], moves
         for i, t in enumerate(tensors):
-            if tr.kind(t) != DATA:
+            if not t.requires_grad and tr.kind(t) != DATA:
                 continue
             rec = tr.recorded(t)
             if rec is None:
@@ -141,14 +144,14 @@ class Router(TorchFunctionMode):
                     "source (gradnoise.NoiseMonitor(model, source='microbatch'))"
                 )
             for o in grads:
-                cap.tracker.pooled.add(o)
+                cap.tracker.note_pooled(o)
         elif func in REDUCTIONS and DATA in kinds and _pools_samples(args, kwargs):
             for o in grads:
-                cap.tracker.pooled.add(o)
+                cap.tracker.note_pooled(o)
         elif "data_nograd" in kinds:
             for o in tree_flatten(out)[0]:
                 if isinstance(o, torch.Tensor):
-                    cap.tracker.data.add(o)
+                    cap.tracker.note_data(o)
         return out
 
 

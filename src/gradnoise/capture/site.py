@@ -14,13 +14,13 @@ store, which chooses the route and the chunks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from ..errors import CaptureStateError
-from .forms import Dense, Factored, Form, ForwardFactor, Lookup
+from .forms import Dense, Factored, Form, ForwardFactor
 from .store import BUDGET_FLOOR, SampleStore
 
 
@@ -91,15 +91,16 @@ def positions(param: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
     return base.as_strided(view.shape, view.stride(), offset).reshape(-1)
 
 
-def place(form: Form, param: torch.Tensor, view: Optional[torch.Tensor]) -> Form:
-    """``form`` (gradients of ``view``) as gradients of the whole ``param``."""
-    kind, start = view_kind(param, view)
+def place(form: Form, param: torch.Tensor, view: Optional[torch.Tensor], kind_start=None) -> Form:
+    """``form`` (gradients of ``view``) as gradients of the whole ``param``
+    (``kind_start``: :func:`view_kind` of them, when known)."""
+    kind, start = kind_start or view_kind(param, view)
     if kind == "whole":
         return form
     if isinstance(form, Factored) and kind == "t":
         return form.swapped()
     if isinstance(form, Factored) and kind == "rows":
-        return replace(form, start=start, num_rows=param.shape[0])
+        return form._replace(start=start, num_rows=param.shape[0])
     g = form.materialise()
     full = g.new_zeros(g.shape[0], param.numel())
     full.index_add_(1, positions(param, view), g.reshape(g.shape[0], -1))
@@ -151,18 +152,21 @@ class Site:
             return form.total() if want_sum else None
         uses = self._uses.pop(role, None)
         if uses is None:
-            raise CaptureStateError("a second backward through the same graph inside one capture: "
-                                    "per-sample results would count twice; open one capture per backward pass")
+            take([])  # a second backward through the same graph
         if not isinstance(ref, ParamRef):
             g = form.materialise()
             for (p, use), (_, gp) in zip(uses, ref.param_grads(g)):
                 self.store.give(p, use, Dense(gp), budget=self.budget, policy=self.policy)
             return g.sum(0) if want_sum else None
         (p, use), = uses
-        whole = ref.view is None
-        total = self.store.give(p, use, place(form, p, ref.view), want_sum=want_sum and whole,
+        kind_start = view_kind(p, ref.view)
+        kind = kind_start[0]
+        placed = place(form, p, ref.view, kind_start)
+        total = self.store.give(p, use, placed, want_sum=want_sum and kind != "other",
                                 budget=self.budget, policy=self.policy)
-        if want_sum and not whole:
+        if want_sum and kind == "t":  # the sum over the whole parameter, transposed back
+            total = total.t()
+        elif want_sum and kind == "other":
             total = form.total()
         return total
 
@@ -177,6 +181,3 @@ def _lazy(make: Callable[[], ForwardFactor]) -> Callable[[], ForwardFactor]:
         return cache[0]
     return get
 
-
-Ref = object  # ParamRef or gradnoise.capture.expression.ExprRef
-__all__ = ["ParamRef", "Policy", "Site", "Lookup", "take"]

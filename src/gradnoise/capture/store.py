@@ -21,16 +21,15 @@ scaled by its share ``b_j/B`` of the step, and every raw result is scaled by the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..errors import CaptureStateError
-from .forms import Dense, Form, ForwardFactor, acc, as_matrix, cross, project, sq_norms
+from .forms import Dense, Form, ForwardFactor, Lookup, acc, as_matrix, cross, inner, project, sq_norms
 
 # A rule's temporaries stay within max(the size of its layer's input, this many elements).
-BUDGET_FLOOR = 1 << 18
+BUDGET_FLOOR = 1 << 20  # 4 MiB of float32
 
 
 def chunk_size(n: int, per_sample: int, budget: int) -> int:
@@ -42,19 +41,20 @@ def chunk_size(n: int, per_sample: int, budget: int) -> int:
 def route(form: Form, want_sum: bool, budget: int, forced: Optional[str], max_chunk: Optional[int]) -> Tuple[str, int]:
     """``("gram" | "materialise", samples per chunk)`` for one use's own norm.
 
-    Factored ``[T, R] × [T, C]`` per sample: materialising costs ``T·R·C`` (the weight
-    gradient's own cost, free when the caller wants ``Σ_n G_n`` from it) plus ``R·C``
-    memory per sample; the Gram route ``T²(R + C)``. Measured on 2 CPU threads:
-    materialise while chunks hold ≥ 8 samples (or the whole batch) and the sum is
-    wanted, or where ``T(R + C) > R·C``; else Gram. Lookups and dense forms have one route.
+    Factored ``[T, R] × [T, C]`` per sample: the Gram route costs ``T²(R + C)``,
+    materialising ``T·R·C`` (the weight gradient's own cost: free when the caller wants
+    ``Σ_n G_n`` from it) and ``R·C`` memory per sample. Without the sum the cheaper by
+    these counts; with it, the Gram route while ``T(R + C) < θ·R·C``, ``θ`` the form's
+    measured ``gram_below`` (Linear: 1 when chunks would hold fewer than 8 samples, else 0;
+    convolutions: 0.5). Lookups and dense forms have one route.
     """
     n = form.n
     cap = (lambda c: c) if max_chunk is None else (lambda c: max(1, min(c, max_chunk)))
-    if not hasattr(form, "factor_dims"):
-        return "gram", cap(chunk_size(n, 2 * form.elements(), budget))
+    if isinstance(form, (Dense, Lookup)):  # one route, and memory of the form's own size
+        return "gram", n
     t, r, c = form.factor_dims()
-    mat_step = chunk_size(n, _cost(form, "materialise"), budget)
-    choice = forced or ("materialise" if (want_sum and mat_step >= min(n, 8)) or t * (r + c) > r * c else "gram")
+    theta = form.gram_below(chunk_size(n, _cost(form, "materialise"), budget)) if want_sum else 1.0
+    choice = forced or ("gram" if t * (r + c) < theta * r * c else "materialise")
     if not getattr(form, "has_gram", True):
         choice = "materialise"
     return choice, cap(chunk_size(n, _cost(form, choice), budget))
@@ -68,20 +68,26 @@ def _cost(form, choice: str) -> int:
     return r * c if choice == "materialise" else 2 * t * t
 
 
-@dataclass
 class _Use:
-    fwd: Optional[Callable[[], ForwardFactor]]  # None: a dense use
-    span: Tuple[int, int] = (0, 0)  # rows (start, R) of its row factor, for cols-side factors
-    done: bool = False
-    q: Optional[torch.Tensor] = None
-    kept: List[Form] = field(default_factory=list)
+    """One use of a parameter in a pass: its forward factor (None: a dense use), the rows
+    ``(start, R)`` its row factor covers, and what arrived uses left for it."""
+
+    __slots__ = ("fwd", "span", "done", "q", "kept")
+
+    def __init__(self, fwd: Optional[Callable[[], ForwardFactor]], span: Tuple[int, int]):
+        self.fwd, self.span, self.done, self.q, self.kept = fwd, span, False, None, []
 
 
-@dataclass
 class _Param:
-    uses: List[_Use] = field(default_factory=list)
-    sq: Optional[torch.Tensor] = None
-    dense: Optional[torch.Tensor] = None  # Σ of arrived uses, [n, R, C], while a dense use is to come
+    """A parameter's uses in a pass, its accumulated squared norms, and the running sum
+    ``[n, R, C]`` of its arrived uses while a dense use is to come."""
+
+    __slots__ = ("uses", "sq", "dense")
+
+    def __init__(self):
+        self.uses: List[_Use] = []
+        self.sq: Optional[torch.Tensor] = None
+        self.dense: Optional[torch.Tensor] = None
 
 
 class SampleStore:
@@ -176,7 +182,7 @@ class SampleStore:
         if len(st.uses) > 1:
             sq = sq + 2 * self._cross(st, u, form)
             self._leave(param, st, u, form)
-        u.done = True
+        u.done, u.fwd, u.q, u.kept = True, None, None, []  # let its tensors go
         st.sq = sq if st.sq is None else st.sq + sq
         return total
 
@@ -209,15 +215,12 @@ class SampleStore:
             g = as_matrix(form, st.dense.shape[1], st.dense.shape[2])
             return (g * st.dense).sum((1, 2))
         _, y = form.backward_factor()
-        q = u.q
-        if u.kept:
-            f = u.fwd()
-            for k in u.kept:
-                p = project(k, f, u.span)
-                q = p if q is None else q + p
-        if q is None:
-            return torch.zeros(form.n, dtype=acc(y).dtype, device=y.device)
-        return cross(q, y)
+        total = torch.zeros(form.n, dtype=acc(y).dtype, device=y.device)
+        if u.q is not None:
+            total = total + cross(u.q, y)
+        for k in u.kept:
+            total = total + inner(k, u.fwd(), u.span, y)
+        return total
 
     def _leave(self, param: torch.Tensor, st: _Param, u: _Use, form: Form) -> None:
         """What the uses still to come need of this one: its projection on their forward

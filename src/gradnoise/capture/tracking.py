@@ -34,38 +34,53 @@ from .layout import Layout, check, default_layout
 PARAM, EXPR, DATA, POOLED, CONST = "param", "expr", "data", "pooled", "const"
 
 
-class TensorSet:
-    """Tensors by identity, without keeping them alive, with a value per tensor."""
+class _Info:
+    """What the tracker knows of one tensor (held by identity, not kept alive)."""
 
-    def __init__(self):
-        self._items: Dict[int, tuple] = {}
+    __slots__ = ("ref", "expr", "pooled", "data", "layout")
 
-    def add(self, t: torch.Tensor, value=True) -> None:
-        self._items[id(t)] = (weakref.ref(t), value)
-
-    def get(self, t: torch.Tensor):
-        item = self._items.get(id(t))
-        if item is not None and item[0]() is t:
-            return item[1]
-        return None
-
-    def discard(self, t: torch.Tensor) -> None:
-        self._items.pop(id(t), None)
-
-    def clear(self) -> None:
-        self._items.clear()
+    def __init__(self, t: torch.Tensor):
+        self.ref = weakref.ref(t)
+        self.expr, self.pooled, self.data, self.layout = None, False, False, None
 
 
 class Tracker:
     """The per-capture record of data, pooled values, parameter expressions and the
-    sample layouts of data."""
+    sample layouts of data: one entry per tensor, found by identity."""
 
     def __init__(self):
         self.n: Optional[int] = None  # samples of the current forward pass
-        self.exprs = TensorSet()
-        self.data = TensorSet()
-        self.pooled = TensorSet()
-        self.layouts = TensorSet()  # data -> Layout, or the name of the call that lost the samples
+        self._items: Dict[int, _Info] = {}
+
+    def _get(self, t: torch.Tensor) -> Optional[_Info]:
+        info = self._items.get(id(t))
+        return info if info is not None and info.ref() is t else None
+
+    def _set(self, t: torch.Tensor) -> _Info:
+        info = self._get(t)
+        if info is None:
+            info = self._items[id(t)] = _Info(t)
+        return info
+
+    def expr(self, t: torch.Tensor):
+        """``(Expr, output index)`` when ``t`` is a recorded parameter expression."""
+        info = self._get(t)
+        return None if info is None else info.expr
+
+    def note_expr(self, t: torch.Tensor, value) -> None:
+        self._set(t).expr = value
+
+    def note_pooled(self, t: torch.Tensor) -> None:
+        self._set(t).pooled = True
+
+    def note_data(self, t: torch.Tensor) -> None:
+        self._set(t).data = True
+
+    def marked(self, t: torch.Tensor) -> bool:
+        """True for a tensor that requires grad and is not plain data on dim 0: an
+        expression, a pooled value or data whose samples moved."""
+        info = self._get(t)
+        return info is not None and (info.expr is not None or info.pooled or info.layout is not None)
 
     def start_forward(self, inputs: Iterable) -> None:
         """The model's forward begins: the first tensor input with a leading dimension
@@ -77,16 +92,20 @@ class Tracker:
         self.n = int(first.shape[0])
         for t in tensors:
             if t.dim() > 0 and t.shape[0] == self.n:
-                self.data.add(t)
-                self.layouts.discard(t)
+                info = self._set(t)
+                info.data, info.layout = True, None
 
     def kind(self, t: torch.Tensor) -> str:
         """``DATA``, ``POOLED``, ``EXPR`` or ``CONST`` of a tensor that is no parameter."""
-        if self.exprs.get(t) is not None:
-            return EXPR
-        if self.pooled.get(t) is not None:
-            return POOLED
-        if self.data.get(t) is not None or t.requires_grad:
+        info = self._get(t)
+        if info is not None:
+            if info.expr is not None:
+                return EXPR
+            if info.pooled:
+                return POOLED
+            if info.data:
+                return DATA
+        if t.requires_grad:
             return DATA
         if self.n is None and t.dim() > 0:  # no model forward seen: rows are samples
             return DATA
@@ -95,7 +114,8 @@ class Tracker:
     def recorded(self, t: torch.Tensor) -> Union[Layout, str, None]:
         """The recorded layout of ``t`` (or the name of the call that lost its samples);
         None for the default."""
-        return self.layouts.get(t)
+        info = self._get(t)
+        return None if info is None else info.layout
 
     def record(self, t: torch.Tensor, lay: Optional[Layout], call: str) -> None:
         """Note the layout of data ``t`` made by ``call`` (None: the samples were lost
@@ -105,16 +125,24 @@ class Tracker:
             return
         if lay is not None and check(lay, t.shape, n):
             if lay == default_layout(t.shape, n):
-                self.layouts.discard(t)
+                info = self._get(t)
+                if info is not None:
+                    info.layout = None
                 return
-            self.layouts.add(t, lay)
+            self._set(t).layout = lay
         else:
-            self.layouts.add(t, call)
+            self._set(t).layout = call
+
+    def copy_layout(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """``dst`` holds the samples as ``src`` does (an identity that copies)."""
+        rec = self.recorded(src)
+        if rec is not None:
+            self._set(dst).layout = rec
 
     def layout(self, t: torch.Tensor, what: str) -> Tuple[Layout, int]:
         """``(layout, n)`` of data ``t`` for a rule (``what`` names it in errors)."""
         n = self.n
-        rec = self.layouts.get(t)
+        rec = self.recorded(t)
         if n is None:
             return Layout(0), int(t.shape[0])
         if isinstance(rec, Layout):
@@ -134,7 +162,4 @@ class Tracker:
         )
 
     def clear(self) -> None:
-        self.exprs.clear()
-        self.data.clear()
-        self.pooled.clear()
-        self.layouts.clear()
+        self._items.clear()
