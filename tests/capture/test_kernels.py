@@ -52,24 +52,26 @@ def test_lookup_form_matches_autograd_with_padding():
     torch.testing.assert_close(form.total(), gw.sum(0))
 
 
-@pytest.mark.parametrize("dims, groups, transposed", [
-    (1, 1, False), (2, 2, False), (2, 1, False), (3, 1, False), (1, 1, True), (2, 2, True),
+@pytest.mark.parametrize("dims, groups, transposed, stride, size", [
+    (1, 1, False, 2, 7), (2, 2, False, 2, 7), (2, 1, False, 2, 7), (3, 1, False, 2, 7), (1, 1, True, 2, 7),
+    (2, 2, True, 2, 7), (2, 1, False, 1, 16),  # 256 positions: the grouped convolution
 ])
-def test_conv_form_matches_autograd(dims, groups, transposed):
+def test_conv_form_matches_autograd(dims, groups, transposed, stride, size):
     n, c_in, c_out, k = 3, 4, 6, 3
-    spatial = (7, 6, 5)[:dims]
-    conf = ([2] * dims, [1] * dims, [1] * dims, groups)
+    spatial = (size, size - 1, size - 2)[:dims]
+    conf = ([stride] * dims, [1] * dims, [1] * dims, groups)
     if transposed:
         w = torch.randn(c_in, c_out // groups, *[k] * dims, dtype=D)
-        fn = lambda x, w: getattr(F, f"conv_transpose{dims}d")(x, w, None, 2, 1, 1, groups, 1)  # noqa: E731
+        fn = lambda x, w: getattr(F, f"conv_transpose{dims}d")(x, w, None, stride, 1, 1, groups, 1)  # noqa: E731
     else:
         w = torch.randn(c_out, c_in // groups, *[k] * dims, dtype=D)
-        fn = lambda x, w: getattr(F, f"conv{dims}d")(x, w, None, 2, 1, 1, groups)  # noqa: E731
+        fn = lambda x, w: getattr(F, f"conv{dims}d")(x, w, None, stride, 1, 1, groups)  # noqa: E731
     x = torch.randn(n, c_in, *spatial, dtype=D)
     gy = torch.randn_like(fn(x, w))
     (gw,) = _per_sample(fn, [w], x, gy)
     src, dst = (gy, x) if transposed else (x, gy)
     form = ConvForm(src, dst, tuple(w.shape), conf, 1)
+    assert form.grouped == (size == 16 or dims == 3)
     torch.testing.assert_close(form.materialise(), gw)
     torch.testing.assert_close(form.total(), gw.sum(0))
     if form.has_gram:

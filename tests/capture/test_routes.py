@@ -115,11 +115,15 @@ def _conv(n, c_in, c_out, k, size):
 
 def test_automatic_route_choice_for_convolutions():
     """ResNet-50's stages (measured, 1 thread): at 56×56 and 14×14 positions the grouped
-    convolution costs about the weight gradient; at 7×7 the Gram route is cheapest."""
+    convolution costs about the weight gradient; at 7×7, and at 8×8 (ResNet-18 at 64²), the
+    Gram route is cheapest."""
     assert route(_conv(8, 64, 64, 3, 56), True, 8 * 64 * 56 * 56 * 9, None, None)[0] == "materialise"
     assert route(_conv(8, 256, 256, 3, 14), True, 8 * 256 * 196 * 9, None, None)[0] == "materialise"
     assert route(_conv(8, 512, 512, 3, 7), True, 8 * 512 * 49 * 9, None, None)[0] == "gram"
+    assert route(_conv(16, 128, 128, 3, 8), True, 16 * 128 * 64 * 2, None, None)[0] == "gram"
     assert route(_conv(8, 512, 512, 3, 7), True, 0, "materialise", None)[0] == "materialise"
+    stem = _conv(8, 3, 64, 7, 56)  # 3136 positions per sample: one sample per call
+    assert route(stem, True, 10**9, None, None) == ("materialise", 1)
     conv3d = ConvForm(torch.zeros(2, 4, 3, 3, 3), torch.zeros(2, 4, 3, 3, 3), (4, 4, 1, 1, 1), ([1] * 3, [0] * 3, [1] * 3, 1))
     assert route(conv3d, True, 0, "gram", None)[0] == "materialise"  # no Gram route in 3-D
 

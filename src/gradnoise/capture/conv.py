@@ -8,9 +8,10 @@ patches of sample ``n`` (``[g, C_in/g·kernel, P]``, ``P`` output positions of i
     ||G_n||² = Σ_{t,s} (u_t·u_s)(δ_t·δ_s)      Gram route, O(P²(C_in·kernel + C_out))
 
 materialised by one grouped weight-gradient convolution with the batch folded into the
-groups (``[1, c·C_in, *S]``, ``c·groups`` groups). The layer's weight gradient is
-``Σ_n G_n`` when materialised, else the convolution's own weight gradient; the Gram
-route is taken where few positions meet many channels (late CNN stages).
+groups (``[1, c·C_in, *S]``, ``c·groups`` groups), or, at few positions, by batched
+products on the unfolded patches. The layer's weight gradient is ``Σ_n G_n`` when
+materialised, else the convolution's own weight gradient; the Gram route is taken where
+few positions meet many channels (late CNN stages).
 
 A transposed convolution ``y = conv_transpose(x, W)`` is the input-gradient of a
 convolution with the same ``W``, so its weight gradient is that convolution's weight
@@ -67,23 +68,40 @@ class ConvForm:
         kernel = _prod(self.weight_shape[2:])
         return self.k * _prod(self.gy.shape[2:]), self.weight_shape[0] // g, self.weight_shape[1] * kernel
 
+    @property
+    def grouped(self) -> bool:
+        """Materialise by the grouped convolution (from 196 positions per sample, in 3-D,
+        and for depthwise layers), else by batched products of the unfolded factors: at 8×8
+        positions (ResNet-18 at 64²) the grouped convolution cost 3-8× the plain weight
+        gradient, the batched products 2.3-2.5× (2 CPU threads)."""
+        return self.factor_dims()[0] >= 196 or not self.has_gram or self.weight_shape[1] == 1
+
     def chunk_cost(self, route: str) -> int:
         """Elements one sample needs on ``route``: its gradients and the unfolded input
-        the grouped convolution holds as scratch, or the unfolded factors and Gram
-        matrices."""
+        the grouped convolution holds as scratch, or the unfolded factors (and the Gram
+        matrices)."""
         t, r, c = self.factor_dims()
         g = self.conf[3]
-        if route == "materialise":  # scratch of the grouped convolution: about half the
-            # unfolded input (measured); a depthwise one (one input channel per group) has none
+        if route == "materialise" and self.grouped:  # scratch: about half the unfolded input
+            # (measured); a depthwise convolution (one input channel per group) has none
             return g * (r * c + (t * c // 2 if self.weight_shape[1] > 1 else 0))
+        if route == "materialise":
+            return g * (r * c + t * (r + c))
         return g * (2 * t * t + t * (r + c))
+
+    def max_chunk(self, route: str) -> int:
+        """Samples per call at most: one where a sample has ≥ 3136 output positions, so the
+        grouped convolution is a dense one (measured on ResNet-50's 7×7 stem: 0.8-0.9×
+        the plain weight gradient per sample, 1.3-1.7× with two or more samples folded)."""
+        return 1 if route == "materialise" and self.factor_dims()[0] >= 3136 else self.n
 
     def gram_below(self, chunk: int) -> float:
         """Take the Gram route while its extra cost ``T(R + C)`` is below this share of the
-        weight gradient's ``T·R·C``: measured on ResNet-50's layers (1 CPU thread), the
-        grouped convolution costs 1.0–1.3× the plain weight gradient where ``T`` is large
-        and up to 9× at 7×7 positions, where the Gram route costs a tenth of it."""
-        return 0.5
+        weight gradient's ``T·R·C``. Measured on ResNet-50 at 224² and ResNet-18 at 64²
+        (1-2 CPU threads): the grouped convolution costs 1.0-1.8× the plain weight gradient
+        from 14×14 positions up; below, materialising costs 2-2.5× (batched products), so
+        the Gram route wins wherever it costs less than the weight gradient."""
+        return 0.5 if self.factor_dims()[0] >= 196 else 1.0
 
     def elements(self) -> int:
         t, r, c = self.factor_dims()
@@ -95,7 +113,11 @@ class ConvForm:
         return gram.sum((1, 2)).view(self.n, self.conf[3]).sum(1).to(torch.float64 if u.dtype == torch.float64 else torch.float32)
 
     def materialise(self) -> torch.Tensor:
-        """``G_n`` ``[n, *weight_shape]``, by the grouped weight-gradient convolution."""
+        """``G_n`` ``[n, *weight_shape]``: by the grouped weight-gradient convolution, or
+        ``δ_n U_nᵀ`` by batched products (see :attr:`grouped`)."""
+        if not self.grouped:
+            u, d = _unfold(self.x, self.gy, self.weight_shape, self.conf, self.k)
+            return torch.bmm(d, u.transpose(1, 2)).view(self.n, *self.weight_shape)
         g = _grouped_weight_grads(self.x, self.gy, self.weight_shape, self.conf)
         return g.view(-1, self.k, *self.weight_shape).sum(1) if self.k > 1 else g
 
@@ -220,7 +242,8 @@ def _apply(cap, x, weight, bias, conf, out_pad, transposed: bool, what: str):
     if lay.dim != 0:
         raise UnsupportedUseError(f"{what} meets data whose samples lie on dim {lay.dim}, "
                                   "not on the batch dimension 0 of the convolution")
-    site = cap.site({"weight": wref, "bias": bref}, n, budget=x.numel())
+    # the budget: the layer's input again, for the grouped convolution's scratch
+    site = cap.site({"weight": wref, "bias": bref}, n, budget=2 * x.numel())
     site.use("weight")
     site.use("bias")
     (x, weight, bias), ctx = amp.cast(x.device.type, (x, weight, bias))

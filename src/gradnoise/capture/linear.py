@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..errors import SampleMixingError, UnsupportedUseError
 from . import amp
 from .args import bind
-from .forms import Dense, Factored, Form
+from .forms import Dense, Factored, Form, sq_norms
 from .layout import Layout, sample_rows
 from .site import Site, take
 
@@ -71,10 +71,13 @@ def _observed_2d(site: Site, x: torch.Tensor, weight, bias):
 
 
 def _observe_2d(site: Site, a: torch.Tensor, d: torch.Tensor) -> None:
-    forms = linear_forms(a.unsqueeze(1), d.unsqueeze(1))
-    for role in ("bias", "weight"):
-        if role in site:
-            site.give(role, forms[role])
+    """One position per sample: ``||g_n^W||² = ||a_n||²·||δ_n||²``, ``||g_n^b||² = ||δ_n||²``
+    (``||δ_n||²`` computed once for both)."""
+    d_sq = sq_norms(d)
+    if "bias" in site:
+        site.give("bias", Dense(d, d_sq))
+    if "weight" in site:
+        site.give("weight", Factored(d.unsqueeze(1), a.unsqueeze(1), d.shape[-1], sq=d_sq * sq_norms(a)))
 
 
 def apply_linear(cap, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -29,7 +29,7 @@ from ..errors import CaptureStateError
 from .forms import Dense, Form, ForwardFactor, Lookup, acc, as_matrix, cross, inner, project, sq_norms
 
 # A rule's temporaries stay within max(the size of its layer's input, this many elements).
-BUDGET_FLOOR = 1 << 20  # 4 MiB of float32
+BUDGET_FLOOR = 1 << 18  # 1 MiB of float32
 
 
 def chunk_size(n: int, per_sample: int, budget: int) -> int:
@@ -57,7 +57,10 @@ def route(form: Form, want_sum: bool, budget: int, forced: Optional[str], max_ch
     choice = forced or ("gram" if t * (r + c) < theta * r * c else "materialise")
     if not getattr(form, "has_gram", True):
         choice = "materialise"
-    return choice, cap(chunk_size(n, _cost(form, choice), budget))
+    step = chunk_size(n, _cost(form, choice), budget)
+    if hasattr(form, "max_chunk"):
+        step = min(step, form.max_chunk(choice))
+    return choice, cap(step)
 
 
 def _cost(form, choice: str) -> int:
