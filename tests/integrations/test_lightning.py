@@ -168,6 +168,24 @@ def test_per_sample_with_accumulation_sees_every_micro_batch():
         assert_matches(rec.raw, oracle(m, m.seen[2 * step : 2 * step + 2]).total)
 
 
+@pytest.mark.parametrize("how", ["fit(torch.compile(module))", "compiled child"])
+def test_compiled_module_is_measured_exactly(how):
+    """Measured steps run the compiled code eagerly, the others compiled."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    sink, m = ListSink(), model()
+    if how == "compiled child":
+        m.net = torch.compile(m.net)
+    trainer(callbacks=[NoiseMonitorCallback(every=2, sinks=[sink])], max_steps=3).fit(
+        torch.compile(m) if how.startswith("fit") else m, data())
+    assert [r.step for r in sink.records] == [0, 2]
+    assert counters["stats"]["unique_graphs"] >= 1  # step 1 ran compiled
+    for rec in sink.records:
+        assert_matches(rec.raw, oracle(m, [m.seen[rec.step]]).total)
+    torch._dynamo.reset()
+
+
 def test_every_measures_only_some_steps():
     sink = ListSink()
     cb = NoiseMonitorCallback(every=2, sinks=[sink])
@@ -306,17 +324,17 @@ class Dumped(Tiny):
 
 
 @pytest.mark.skipif(
-    sys.platform != "linux" or not torch.distributed.is_available(), reason="needs fork and torch.distributed"
+    sys.platform != "linux" or not torch.distributed.is_available(), reason="needs torch.distributed"
 )
 def test_ddp_sources_match_oracle(tmp_path):
-    """Two CPU processes (gloo, forked: no second import of torch and Lightning); both
-    monitors at once on the DistributedDataParallel model."""
+    """Two CPU processes (gloo, spawned: after a torch.compile in this process a forked child
+    cannot run autograd); both monitors at once on the DistributedDataParallel model."""
     torch.manual_seed(0)
     m = Dumped(str(tmp_path / "seen"))
     runs = {s: str(tmp_path / f"{s}.jsonl") for s in ("ddp", "per_sample")}
     callbacks = [NoiseMonitorCallback(source=s, sinks=[p], log=False) for s, p in runs.items()]
     tr = pl.Trainer(
-        max_steps=1, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
+        max_steps=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )

@@ -194,6 +194,29 @@ def test_per_sample_matches_oracle_through_clipping_and_reaches_the_logs(hf, tmp
         torch.testing.assert_close(trained[name], q, rtol=0, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("source", ["per_sample", "microbatch"])
+def test_torch_compile_is_measured_exactly(hf, tmp_path, source):
+    """``torch_compile=True``: measured steps of the per-sample source run the compiled model
+    eagerly, the others compiled; the micro-batch source measures compiled steps. Exact
+    against the oracle."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = gpt2(hf)
+    seen, sink = Seen(model), ListSink()
+    k = 2 if source == "microbatch" else 1
+    every = 1 if source == "microbatch" else 2
+    tr = trainer(hf, tmp_path, model, [gt.NoiseMonitorCallback(source=source, every=every, sinks=[sink])],
+                 torch_compile=True, gradient_accumulation_steps=k)
+    tr.train()
+    assert [r.step for r in sink.records] == list(range(0, 3, every))
+    assert counters["stats"]["unique_graphs"] >= 1  # the unmeasured steps ran compiled
+    steps = seen.steps(k)
+    for rec in sink.records:
+        want = oracle(model, steps[rec.step], [BATCH] * k if k > 1 else None)
+        assert_matches(rec.raw, want.total)
+    assert_closed(model)
+
+
 @pytest.mark.parametrize("source, every", [("per_sample", 2), ("microbatch", 1)])
 def test_gradient_accumulation_is_exact(hf, tmp_path, source, every):
     model = gpt2(hf)
@@ -281,7 +304,6 @@ def test_unsupported_trainer_setups_are_refused(hf, tmp_path, kw, source, match)
     (dict(parallelism_config=object()), "parallelism"),
     (dict(world_size=2), "2 processes"),
     (dict(n_gpu=2), "DataParallel"),
-    (dict(torch_compile=True), "torch_compile"),
 ])
 def test_sharded_and_multi_process_setups_are_refused(args, match):
     base = dict(world_size=1, n_gpu=1, gradient_accumulation_steps=1, max_grad_norm=1.0)

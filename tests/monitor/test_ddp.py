@@ -51,8 +51,10 @@ FIELDS = ("trace_cov", "grad_sq_norm", "b_simple", "mean_sq_norm", "group_sq_nor
 
 
 # ------------------------------------------------------------------------- scenarios
-def _sc(name: str, source: str, sizes: List[int], micro: int = 1, seed: int = 0, reduction: str = "mean") -> dict:
-    return {"name": name, "source": source, "sizes": sizes, "micro": micro, "seed": seed, "reduction": reduction}
+def _sc(name: str, source: str, sizes: List[int], micro: int = 1, seed: int = 0, reduction: str = "mean",
+        compiled: bool = False) -> dict:
+    return {"name": name, "source": source, "sizes": sizes, "micro": micro, "seed": seed, "reduction": reduction,
+            "compiled": compiled}
 
 
 SCENARIOS: Dict[int, List[dict]] = {
@@ -64,6 +66,8 @@ SCENARIOS: Dict[int, List[dict]] = {
         _sc("ps_equal", "per_sample", [8, 8], seed=15),
         _sc("ps_uneven", "per_sample", [3, 5], seed=16),
         _sc("ps_uneven_sum", "per_sample", [3, 5], seed=17, reduction="sum"),
+        _sc("ddp_compiled", "ddp", [3, 5], micro=2, seed=18, compiled=True),  # torch.compile(DDP(model))
+        _sc("ps_compiled", "per_sample", [3, 5], seed=19, compiled=True),
     ],
     4: [
         _sc("ddp_equal", "ddp", [4, 4, 4, 4], seed=21),
@@ -127,6 +131,8 @@ def _run_scenario(sc: dict, rank: int, world: int) -> dict:
 
     sizes = sc["sizes"]
     ddp = nn.parallel.DistributedDataParallel(make_model())
+    if sc["compiled"]:
+        ddp = torch.compile(ddp)
     summed = sc["reduction"] == "sum"
     monitor = gradnoise.NoiseMonitor(ddp, source=sc["source"], reduction=sc["reduction"])
     opt = torch.optim.SGD(ddp.parameters(), lr=LR)
@@ -136,7 +142,8 @@ def _run_scenario(sc: dict, rank: int, world: int) -> dict:
     steps = []
     try:
         for _ in range(STEPS):
-            weights = {n: p.detach().flatten().tolist() for n, p in ddp.module.named_parameters()}
+            weights = {strip_module(n.replace("_orig_mod.", "")): p.detach().flatten().tolist()
+                       for n, p in ddp.named_parameters()}
             split = micro_sizes(b, sc["micro"])
             chunks = list(zip(x.split(split), y.split(split)))
             for j, (xm, ym) in enumerate(chunks):
@@ -413,6 +420,13 @@ def test_ddp_uneven_counts_matches_weighted_oracle(spawned, world):
 
 def test_ddp_uneven_counts_with_accumulation(spawned):
     check_against_oracle(spawned, 2, "ddp_uneven_accum")
+
+
+@pytest.mark.parametrize("name", ["ddp_compiled", "ps_compiled"])
+def test_compiled_ddp_matches_oracle(spawned, name):
+    """``torch.compile(DDP(model))``: the ddp source on compiled steps, the per-sample
+    source on eager ones (measured steps run the compiled model eagerly)."""
+    check_against_oracle(spawned, 2, name)
 
 
 def test_per_sample_under_ddp_equal_counts(spawned):

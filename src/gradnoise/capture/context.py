@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 from .. import stats as _stats
 from ..errors import CaptureStateError, UnsupportedUseError
 from . import modules as _modules
+from .compiled import eager, outside_graph, require_stances, unwrap
 from .direct import describe, handle_direct
 from .fsdp import fsdp_params, local_shard, whole_norms
 from .expression import Expr, ExprRef
@@ -71,7 +72,8 @@ class Capture:
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"capture needs an nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = unwrap(model)
+        self._given = model  # a torch.compile wrapper, or the model
         self.reduction = reduction
         self.rules = dict(rules or {})
         self.suspended = False
@@ -82,6 +84,7 @@ class Capture:
         self._sums: Dict[str, float] = {}
 
     # ---- context ------------------------------------------------------------------
+    @outside_graph
     def __enter__(self) -> "Capture":
         if self._state != "new":
             raise CaptureStateError("a capture can be entered only once; make a new one")
@@ -106,6 +109,8 @@ class Capture:
         # which .grad each parameter holds now, and its version: untouched ones keep both
         self._grad_at_enter = {n: (p.grad, local_shard(p.grad)._version) for n, p in named if p.grad is not None}
         self._router = Router(self)
+        require_stances(self._given)
+        self._eager = eager()  # compiled code runs eagerly while the capture is open
         try:
             self._hooks = _modules.attach(self, self.model, self.rules)
             self._hooks += [m.register_forward_pre_hook(self._alias) for m in self.model.modules()
@@ -118,16 +123,19 @@ class Capture:
                 self._push_router()
         except BaseException:
             self._remove_hooks()
+            self._eager.__exit__(None, None, None)
             raise
         self._state = "open"
         return self
 
+    @outside_graph
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
             self._pop_router()
         finally:
             self._remove_hooks()
             self.tracker.clear()
+            self._eager.__exit__(None, None, None)
         self._state = "failed"
         if exc_type is None:
             self._finish()  # raises on a failure: the capture stays "failed"
@@ -145,6 +153,7 @@ class Capture:
             self._router_on = False
             self._router.__exit__(None, None, None)
 
+    @outside_graph
     def forward_starts(self, module, args, kwargs):
         """The model's forward begins: its inputs are this pass's samples. With
         ``scope="forward"`` the router is on only while the model's forward runs, so an
@@ -400,7 +409,7 @@ def capture(
 def _open_capture(model: nn.Module) -> Optional[Capture]:
     """The open capture of ``model``, found by the forward pre-hook every capture puts on
     its model (whatever its scope, with or without its router on the stack)."""
-    for hook in model._forward_pre_hooks.values():
+    for hook in unwrap(model)._forward_pre_hooks.values():
         owner = getattr(hook, "__self__", None)
         if isinstance(owner, Capture) and owner._state == "open":
             return owner

@@ -33,6 +33,8 @@ Conventions and limits:
   measurement, then removes it again (exactly, for the scaler's power-of-two scales, and
   from a copy otherwise), and the monitor divides it out of both moments.
   ``"bf16-mixed"`` (the CPU form of ``"16-mixed"``) needs nothing.
+* ``trainer.fit(torch.compile(module))`` and compiled children work: measured steps run
+  the compiled code eagerly, the others compiled (:mod:`gradnoise.capture.compiled`).
 * Strategies: single device and DDP (``"ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``).
   Under DDP the monitor watches the ``DistributedDataParallel`` model: ``"per_sample"``
   all-reduces the per-sample sums, ``"ddp"`` takes ranks as groups and installs DDP's

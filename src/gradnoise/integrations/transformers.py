@@ -68,11 +68,14 @@ by building a new callback from JSON arguments, which would drop sinks and the o
 the user holds; with that flag set the Trainer logs that it ignores the "gradnoise"
 entry, which is harmless.) The monitor's step counter equals ``state.global_step``.
 
+``torch_compile=True`` works: measured steps run the compiled model eagerly, the others
+compiled (:mod:`gradnoise.capture.compiled`).
+
 Refused, each with a one-line :class:`~gradnoise.GradNoiseError` when training begins:
 more than one process or GPU (DDP, DataParallel; the callback watches ``trainer.model``
 while the Trainer calls its wrapper), FSDP, DeepSpeed and tensor/context parallelism
 (sharded parameters or gradients), ``fp16`` (GradScaler; ``bf16`` autocast needs
-nothing), ``torch_compile``, gradient checkpointing with ``source="per_sample"`` (the
+nothing), gradient checkpointing with ``source="per_sample"`` (the
 recomputation runs outside the forward the engine watches; ``"microbatch"`` works),
 ``source="microbatch"`` with ``gradient_accumulation_steps < 2`` and ``source="ddp"``.
 
@@ -164,8 +167,6 @@ def _option_problem(args, model: nn.Module, source: str) -> Optional[str]:
         return "source='ddp' needs DDP, which this callback does not support; use 'per_sample' or 'microbatch'"
     if getattr(args, "fp16", False) or getattr(args, "mixed_precision", None) == "fp16":
         return "fp16 (GradScaler loss scaling) is not supported; train with bf16=True or in fp32"
-    if getattr(args, "torch_compile", False):
-        return "torch_compile=True is not supported: the compiled graph bypasses the measurement hooks"
     if source == "microbatch" and int(args.gradient_accumulation_steps) < 2:
         return ("source='microbatch' takes the step's micro-batches as groups and needs "
                 f"gradient_accumulation_steps ≥ 2 (got {args.gradient_accumulation_steps})")

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import formats
+from ..capture.compiled import require_stances, unwrap as unwrap_compiled
 from ..errors import GradNoiseError
 from . import names as _names
 from .ddp import DdpSource, allreduce_counts
@@ -83,9 +84,11 @@ class NoiseMonitor:
         process_group=None,
     ):
         check_options(source, reduction, every)
+        require_stances(model)
+        given, model = model, unwrap_compiled(model)  # torch.compile(model): the model inside it
         self.model, self.every, self.scaler = model, int(every), scaler
         self.source = source
-        inner, self._prefix = _names.unwrap(model)
+        inner, self._prefix = _names.unwrap(given)
         layers = _names.layers(inner)
         self._smoother = NoiseSmoother(beta, {p: layer for layer, e in layers.items() for p in e["params"]})
         self._sinks = [as_sink(s) for s in sinks]
@@ -95,14 +98,16 @@ class NoiseMonitor:
             if hasattr(s, "open"):
                 s.open(head)
         # hooks last, so that a sink that fails to open leaves nothing on the model
-        self._source = self._make_source(model, source, reduction, rules, process_group)
+        self._source = self._make_source(model, given, source, reduction, rules, process_group)
         self._step = 0
         self._warned_empty = False
         self.last: Optional[StepRecord] = None
         self._source.begin()
 
     @staticmethod
-    def _make_source(model, source, reduction, rules, group):
+    def _make_source(model, given, source, reduction, rules, group):
+        """``given``: a ``torch.compile`` wrapper of ``model`` (or ``model``), whose forward hooks
+        always run eagerly, where the hooks of the model inside may be compiled without them."""
         sharded = fsdp_source(model, source, reduction, rules)  # FSDP2 (fully_shard)
         if sharded is not None:
             return sharded
@@ -114,13 +119,13 @@ class NoiseMonitor:
                     "averaged over ranks, so its numbers would be biased: under "
                     "DistributedDataParallel use source='ddp' or source='per_sample'"
                 )
-            return MicrobatchSource(model, reduction)
+            return MicrobatchSource(given, reduction)
         if source == "ddp":
             return DdpSource(model, reduction, group)
         if ddp:
             world = dist.get_world_size(group)
-            return PerSampleSource(model, reduction, rules, allreduce_counts(group), world)
-        return PerSampleSource(model, reduction, rules)
+            return PerSampleSource(given, reduction, rules, allreduce_counts(group), world)
+        return PerSampleSource(given, reduction, rules)
 
     @property
     def step_index(self) -> int:

@@ -1,7 +1,7 @@
 """Names of parameters and layers as the user's model has them.
 
-A ``DistributedDataParallel`` wrapper puts ``module.`` in front of every parameter name
-and Lightning's (Fabric's) module wrapper ``_forward_module.``; the monitor reports the names of
+A ``DistributedDataParallel`` wrapper puts ``module.`` in front of every parameter name,
+Lightning's (Fabric's) module wrapper ``_forward_module.`` and ``torch.compile`` ``_orig_mod.``; the monitor reports the names of
 the model inside them, so a run file reads the same with and without the wrappers. A
 *layer* is the module that owns parameters directly: its path (``blocks.0.attn``) and
 class name (``MultiheadAttention``); parameters of the root module are layers of their
@@ -13,12 +13,17 @@ from typing import Any, Dict, Tuple
 
 from torch import nn
 
+from ..capture.compiled import unwrap as unwrap_compiled
+
 def unwrap(model: nn.Module) -> Tuple[nn.Module, str]:
-    """``(inner, prefix)``: the model inside DDP / Lightning wrappers and the prefix
-    (``"module._forward_module."``) its parameter names get from them (``""`` when none)."""
+    """``(inner, prefix)``: the model inside DDP / Lightning / ``torch.compile`` wrappers and
+    the prefix (``"module._forward_module."``) its parameter names get from them (``""`` when
+    none)."""
     prefix = ""
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if unwrap_compiled(model) is not model:
+            model, prefix = unwrap_compiled(model), prefix + "_orig_mod."
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
             model, prefix = model.module, prefix + "module."
         elif isinstance(getattr(model, "_forward_module", None), nn.Module):  # Lightning / Fabric
             model, prefix = model._forward_module, prefix + "_forward_module."

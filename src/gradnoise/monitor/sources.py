@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..capture import Capture
+from ..capture.compiled import hold_eager, outside_graph
 from ..errors import CaptureStateError, GradNoiseError
 from .moments import Moments
 
@@ -44,9 +45,12 @@ def trainable(model: nn.Module) -> Dict[str, nn.Parameter]:
 def forward_pre_hook(model: nn.Module, owner, method: str, with_kwargs: bool = False):
     """Register ``owner.<method>`` as a forward pre-hook of ``model`` through a weak
     reference, acting only for ``model`` itself: a ``copy.deepcopy`` of the model copies
-    its hooks, and the copy's forward must not drive this monitor."""
+    its hooks, and the copy's forward must not drive this monitor. Dynamo never traces it:
+    where ``torch.compile`` inlines the model's hooks (a ``torch.nn`` container, an
+    in-place ``model.compile()``) it runs eagerly at a graph break before the first op."""
     ref = weakref.ref(owner)
 
+    @outside_graph
     def hook(module, *args):
         target = ref()
         if target is not None and module is target.model:
@@ -107,6 +111,7 @@ class PerSampleSource:
         self.world = world
         self._cap: Optional[Capture] = None
         self._pending = False
+        self._release: Optional[weakref.finalize] = None
         self._handle = forward_pre_hook(model, self, "_open", with_kwargs=True)
 
     def _open(self, module, args, kwargs):
@@ -119,14 +124,30 @@ class PerSampleSource:
             cap.forward_starts(module, args, kwargs)  # its own pre-hook joins from the next call
 
     def begin(self) -> None:
+        """A measured step comes: from here until its :meth:`end` (or until this source is
+        closed or garbage collected), compiled code runs eagerly, so that the step's forward
+        is seen by the capture however the model was compiled (a stance set inside a compiled
+        call would not reach the rest of it)."""
         self._pending = True
+        if self._release is None:
+            self._release = weakref.finalize(self, hold_eager())
 
-    def end(self, samples: Samples) -> Optional[Moments]:
+    def _close(self) -> Optional[Capture]:
         self._pending = False
         cap, self._cap = self._cap, None
+        try:
+            if cap is not None:
+                cap.__exit__(None, None, None)
+        finally:
+            if self._release is not None:
+                self._release()
+                self._release = None
+        return cap
+
+    def end(self, samples: Samples) -> Optional[Moments]:
+        cap = self._close()
         if cap is None:
             return None
-        cap.__exit__(None, None, None)
         norms = cap.per_sample_sq_norms
         if not norms:
             return None
@@ -146,10 +167,7 @@ class PerSampleSource:
         return Moments(names, (total / count).tolist(), mean_sq, int(count), int(count), inv)
 
     def discard(self) -> None:
-        self._pending = False
-        if self._cap is not None:
-            self._cap.__exit__(None, None, None)
-            self._cap = None
+        self._close()
 
     def close(self) -> None:
         self.discard()

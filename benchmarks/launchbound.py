@@ -1,0 +1,250 @@
+"""The launch-bound regime: tiny tensors, where a step's time is per-call host work, as on
+a GPU whose kernels take a few microseconds each.
+
+    python benchmarks/launchbound.py [--models gpt2,token-mlp,gn-resnet] [--repeats 40] [--json PATH]
+
+Models (random init, float32, dropout 0):
+
+* ``gpt2``: Hugging Face GPT-2, 12 layers, width 32, 2 heads, vocabulary 128, batch 2 × 16;
+* ``token-mlp``: 12 pre-norm token-MLP blocks of width 32 with a learned position
+  parameter added directly, batch 4 × 16;
+* ``gn-resnet``: 6 GroupNorm residual blocks of 8 channels at 8 × 8, batch 4.
+
+Variants of one training step (``zero_grad`` → forward → mean cross-entropy → backward):
+``plain``; ``capture`` (every step inside ``gradnoise.capture``, norms read);
+``monitor/10`` (``NoiseMonitor(source="per_sample", every=10)``: ten steps against ten
+plain ones); floors: ``mode-only`` (a torch-function mode that passes every call through)
+and ``module-hooks`` (a do-nothing full backward hook on every module). Time: rounds in
+which every variant runs once in a rotating order; the ratio of medians to plain.
+Kernels: the non-view aten operations one step dispatches (a dispatch mode counting).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_common_args, load_average, log, setup_path, split_checked, write_json  # noqa: E402
+
+setup_path()
+
+import gradnoise  # noqa: E402
+
+MODELS = ("gpt2", "token-mlp", "gn-resnet")
+
+
+class TokenMLP(nn.Module):
+    """Pre-norm token-MLP blocks over ``[B, T, d]`` tokens with a learned position parameter."""
+
+    def __init__(self, vocab=64, T=16, d=32, blocks=12):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(0.02 * torch.randn(T, d))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) for _ in range(blocks))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        h = self.embed(ids) + self.pos
+        for b in self.blocks:
+            h = h + b(h)
+        return self.head(h)
+
+
+class GNBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.n1 = nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(2, c)
+        self.conv2, self.n2 = nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(2, c)
+
+    def forward(self, x):
+        return F.relu(x + self.n2(self.conv2(F.relu(self.n1(self.conv1(x))))))
+
+
+def gn_resnet(c=8, blocks=6, classes=10):
+    return nn.Sequential(nn.Conv2d(3, c, 3, padding=1), *[GNBlock(c) for _ in range(blocks)],
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
+
+
+class _Logits(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+
+def build(name: str) -> Tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """``(model, inputs, targets)``; a token model's targets are its ids."""
+    torch.manual_seed(0)
+    if name == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        cfg = GPT2Config(vocab_size=128, n_positions=16, n_embd=32, n_layer=12, n_head=2,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        ids = torch.randint(0, 128, (2, 16))
+        return _Logits(GPT2LMHeadModel(cfg)), ids, ids
+    if name == "token-mlp":
+        ids = torch.randint(0, 64, (4, 16))
+        return TokenMLP(), ids, ids
+    return gn_resnet(), torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+
+
+def loss_fn(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+class _PassThrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts the non-view aten operations dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def variants(model: nn.Module, x, y) -> Dict[str, Callable[[], None]]:
+    """Name -> one step (``monitor/10``: ten steps)."""
+    def plain(m=model):
+        m.zero_grad(set_to_none=True)
+        loss_fn(m(x), y).backward()
+
+    def capture():
+        model.zero_grad(set_to_none=True)
+        with gradnoise.capture(model) as cap:
+            loss_fn(model(x), y).backward()
+        torch.stack([v.sum() for v in cap.per_sample_sq_norms.values()]).sum()
+
+    def mode_only():
+        with _PassThrough():
+            plain()
+
+    hooks: List = []
+
+    def module_hooks():
+        hooks.extend(m.register_full_backward_hook(lambda *a: None) for m in model.modules())
+        try:
+            plain()
+        finally:
+            for h in hooks:
+                h.remove()
+            hooks.clear()
+
+    monitor10 = monitored_block(model, x, y, "per_sample", 10)
+
+    def plain10():
+        for _ in range(10):
+            plain()
+
+    return {"plain": plain, "capture": capture, "mode-only": mode_only, "module-hooks": module_hooks,
+            "plain/10": plain10, "monitor/10": monitor10}
+
+
+def monitored_block(model: nn.Module, x, y, source: str, every: int, compile_it: bool = False) -> Callable[[], None]:
+    """Ten steps (one when ``every`` is 1) of a copy of ``model`` (``torch.compile``d with
+    ``compile_it``) under ``NoiseMonitor(source=source, every=every)``. One step is run
+    first, untimed, so that each block of ten ends with its measured step: a per-sample
+    monitor runs compiled code eagerly from the ``monitor.step()`` before a measured step
+    until that step's, a window that then stays inside the block."""
+    inner = copy.deepcopy(model)  # its own copy, so the monitor's hooks act on no other variant
+    run = torch.compile(inner) if compile_it else inner
+    monitor = gradnoise.NoiseMonitor(run, source=source, every=every)
+
+    def one():
+        inner.zero_grad(set_to_none=True)
+        loss_fn(run(x), y).backward()
+        monitor.step()
+
+    one()
+
+    def block():
+        for _ in range(10 if every == 10 else 1):
+            one()
+    return block
+
+
+def kernels(fn: Callable[[], None]) -> int:
+    with KernelCount() as k:
+        fn()
+    return k.n
+
+
+def time_rotating(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int) -> Dict[str, List[float]]:
+    names = list(fns)
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: Dict[str, List[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def bench(name: str, repeats: int, warmup: int) -> dict:
+    model, x, y = build(name)
+    fns = variants(model, x, y)
+    counts = {k: kernels(fns[k]) for k in ("plain", "capture")}
+    times = time_rotating(fns, repeats, warmup)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = {k: med[k] / med["plain"] for k in ("capture", "mode-only", "module-hooks")}
+    ratio["monitor/10"] = med["monitor/10"] / med["plain/10"]
+    return {"model": name, "plain_ms": 1e3 * med["plain"], "ratios": ratio, "kernels": counts,
+            "times_ms": {k: [1e3 * t for t in v] for k, v in times.items()}}
+
+
+def markdown(rows: List[dict]) -> str:
+    out = ["| model | plain step | capture | kernels capture / plain | monitor every=10 | floor: mode only | floor: module hooks |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        q, k = r["ratios"], r["kernels"]
+        out.append(f"| {r['model']} | {r['plain_ms']:.1f} ms | **{q['capture']:.2f}×** | {k['capture']} / {k['plain']} "
+                   f"({k['capture'] / k['plain']:.2f}×) | {q['monitor/10']:.2f}× | {q['mode-only']:.2f}× | "
+                   f"{q['module-hooks']:.2f}× |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(p, repeats=40, warmup=5, models=",".join(MODELS), threads=1)
+    args = p.parse_args(argv)
+    names = split_checked(p, args.models, MODELS, "model")
+    torch.set_num_threads(args.threads)
+    load = load_average()
+    rows = []
+    for name in names:
+        log(f"{name}: timing {args.repeats} rounds")
+        rows.append(bench(name, args.repeats, args.warmup))
+    print(markdown(rows))
+    print(f"\ntorch {torch.__version__}, {args.threads} thread(s), {args.repeats} rotating rounds after "
+          f"{args.warmup}, ratio of medians to plain; load average {load:.1f}")
+    if args.json:
+        write_json(args.json, {"repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
+                               "load_before": load}, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
