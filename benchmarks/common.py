@@ -7,8 +7,9 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import List
+from typing import Callable, Dict, List
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,3 +63,46 @@ def write_json(path: str, config: dict, rows: List[dict]) -> None:
     """``{"config": …, "results": rows}`` to ``path``."""
     Path(path).write_text(json.dumps({"config": config, "results": rows}, indent=1))
     log(f"wrote {path}")
+
+
+def time_rotating(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int) -> Dict[str, List[float]]:
+    """Seconds per call of each variant: ``warmup`` untimed rounds, then ``repeats`` rounds
+    that run every variant once, in an order rotating from round to round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: Dict[str, List[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def run_models(argv, doc: str, models, bench: Callable[[str, int, int], dict], markdown: Callable[[List[dict]], str],
+               repeats: int, warmup: int, what: str) -> int:
+    """The ``main`` of a script that benchmarks each of ``models`` (common options, 1
+    thread by default): ``bench(name, repeats, warmup)`` per model, the table, the JSON."""
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_common_args(p, repeats=repeats, warmup=warmup, models=",".join(models), threads=1)
+    args = p.parse_args(argv)
+    names = split_checked(p, args.models, models, "model")
+    torch.set_num_threads(args.threads)
+    load = load_average()
+    rows = []
+    for name in names:
+        log(f"{name}: {args.repeats} rounds")
+        rows.append(bench(name, args.repeats, args.warmup))
+    print(markdown(rows))
+    print(f"\ntorch {torch.__version__}, {args.threads} thread(s), {args.repeats} rotating rounds after "
+          f"{args.warmup}, ratio of medians to {what}; load average {load:.1f}")
+    if args.json:
+        write_json(args.json, {"repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
+                               "load_before": load}, rows)
+    return 0

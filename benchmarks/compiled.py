@@ -22,7 +22,6 @@ the measured variants ran (a capture must add none).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, load_average, log, setup_path, split_checked, write_json  # noqa: E402
+from common import run_models, setup_path, time_rotating  # noqa: E402
 
 setup_path()
 
@@ -90,7 +89,7 @@ def bench(name: str, repeats: int, warmup: int) -> dict:
     fns["compiled"]()
     fns["compiled"]()
     before = dynamo_counts()
-    times = launchbound.time_rotating(fns, repeats, warmup)
+    times = time_rotating(fns, repeats, warmup)
     after = dynamo_counts()
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {k: med[k] / med["compiled"] for k in ("eager", "capture", "microbatch")}
@@ -111,23 +110,7 @@ def markdown(rows: List[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(p, repeats=30, warmup=3, models=",".join(MODELS), threads=1)
-    args = p.parse_args(argv)
-    names = split_checked(p, args.models, MODELS, "model")
-    torch.set_num_threads(args.threads)
-    load = load_average()
-    rows = []
-    for name in names:
-        log(f"{name}: compiling, then {args.repeats} rounds")
-        rows.append(bench(name, args.repeats, args.warmup))
-    print(markdown(rows))
-    print(f"\ntorch {torch.__version__}, {args.threads} thread(s), {args.repeats} rotating rounds after "
-          f"{args.warmup}, ratio of medians to the compiled plain step; load average {load:.1f}")
-    if args.json:
-        write_json(args.json, {"repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
-                               "load_before": load}, rows)
-    return 0
+    return run_models(argv, __doc__, MODELS, bench, markdown, 30, 3, "the compiled plain step")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, load_average, log, split_checked  # noqa: E402
+from common import add_common_args, load_average, log, split_checked, time_rotating  # noqa: E402
 
 import models  # noqa: E402  (benchmarks/models.py)
 
@@ -99,18 +98,7 @@ def microbatch_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> D
 
 def time_variants(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int) -> Dict[str, float]:
     """Median seconds per variant; every round runs them all, in a rotating order."""
-    names = list(fns)
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times: Dict[str, List[float]] = {k: [] for k in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for k in order:
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in time_rotating(fns, repeats, warmup).items()}
 
 
 def main(argv=None) -> int:

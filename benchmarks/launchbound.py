@@ -20,11 +20,9 @@ Kernels: the non-view aten operations one step dispatches (a dispatch mode count
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -35,11 +33,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, load_average, log, setup_path, split_checked, write_json  # noqa: E402
+from common import run_models, setup_path, time_rotating  # noqa: E402
 
 setup_path()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import gradnoise  # noqa: E402
+import zoo_models  # noqa: E402  (tests/zoo_models.py)
 
 MODELS = ("gpt2", "token-mlp", "gn-resnet")
 
@@ -77,15 +77,6 @@ def gn_resnet(c=8, blocks=6, classes=10):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
 
 
-class _Logits(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(input_ids=ids).logits
-
-
 def build(name: str) -> Tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """``(model, inputs, targets)``; a token model's targets are its ids."""
     torch.manual_seed(0)
@@ -94,7 +85,7 @@ def build(name: str) -> Tuple[nn.Module, torch.Tensor, torch.Tensor]:
         cfg = GPT2Config(vocab_size=128, n_positions=16, n_embd=32, n_layer=12, n_head=2,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         ids = torch.randint(0, 128, (2, 16))
-        return _Logits(GPT2LMHeadModel(cfg)), ids, ids
+        return zoo_models.Logits(GPT2LMHeadModel(cfg)), ids, ids
     if name == "token-mlp":
         ids = torch.randint(0, 64, (4, 16))
         return TokenMLP(), ids, ids
@@ -189,20 +180,6 @@ def kernels(fn: Callable[[], None]) -> int:
     return k.n
 
 
-def time_rotating(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int) -> Dict[str, List[float]]:
-    names = list(fns)
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times: Dict[str, List[float]] = {k: [] for k in names}
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[: r % len(names)]:
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
 def bench(name: str, repeats: int, warmup: int) -> dict:
     model, x, y = build(name)
     fns = variants(model, x, y)
@@ -227,23 +204,7 @@ def markdown(rows: List[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(p, repeats=40, warmup=5, models=",".join(MODELS), threads=1)
-    args = p.parse_args(argv)
-    names = split_checked(p, args.models, MODELS, "model")
-    torch.set_num_threads(args.threads)
-    load = load_average()
-    rows = []
-    for name in names:
-        log(f"{name}: timing {args.repeats} rounds")
-        rows.append(bench(name, args.repeats, args.warmup))
-    print(markdown(rows))
-    print(f"\ntorch {torch.__version__}, {args.threads} thread(s), {args.repeats} rotating rounds after "
-          f"{args.warmup}, ratio of medians to plain; load average {load:.1f}")
-    if args.json:
-        write_json(args.json, {"repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
-                               "load_before": load}, rows)
-    return 0
+    return run_models(argv, __doc__, MODELS, bench, markdown, 40, 5, "plain")
 
 
 if __name__ == "__main__":

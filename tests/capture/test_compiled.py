@@ -13,6 +13,7 @@ from torch import nn
 
 import gradnoise
 import reference as ref
+import zoo_models
 from gradnoise.errors import GradNoiseError
 
 counters = pytest.importorskip("torch._dynamo.utils").counters
@@ -56,16 +57,7 @@ def gpt2():
     cfg = transformers.GPT2Config(vocab_size=40, n_positions=8, n_embd=8, n_layer=1, n_head=2,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     ids = torch.randint(0, 40, (B, 8))
-    return _Logits(transformers.GPT2LMHeadModel(cfg)), ids, ids
-
-
-class _Logits(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(input_ids=ids).logits
+    return zoo_models.Logits(transformers.GPT2LMHeadModel(cfg)), ids, ids
 
 
 def loss_fn(out, y):
