@@ -19,7 +19,7 @@ are not on dim 0 goes through any call, the samples are followed to the outputs
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, List, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -68,43 +68,54 @@ class Router(TorchFunctionMode):
             return FUNCTION_RULES[func](cap, func, args, kwargs)
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
-        tensors = list(_tensors(args, kwargs))
+        tensors, deep = _tensors(args, kwargs)
         moves = func in LAYOUT_FUNCS
-        if func not in REDUCTIONS and not any(map(cap.notable, tensors)):
+        if func not in REDUCTIONS and not deep and not any(map(cap.notable, tensors)):
             out = func(*args, **kwargs)  # data on dim 0 that requires grad, and constants
             if moves and not (len(tensors) == 1 and stays(func, tensors[0], out, args, kwargs)):
                 self._follow(func, args, kwargs, out, tensors, True)  # where the samples went
             return out
-        flat, spec = tree_flatten((args, kwargs))
-        refs, kinds = {}, set()
-        for i, t in enumerate(flat):
-            if isinstance(t, torch.Tensor):
-                ref = cap.ref(t)
-                if ref is not None:
-                    refs[i] = ref
-                else:
-                    k = cap.tracker.kind(t)
-                    kinds.add("data_nograd" if k == DATA and not t.requires_grad else k)
-        if not refs:
+        if deep:  # containers in containers: every tensor, wherever it sits
+            tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        measured, kinds = False, set()
+        for t in tensors:
+            if cap.ref(t) is not None:
+                measured = True
+            else:
+                k = cap.tracker.kind(t)
+                kinds.add("data_nograd" if k == DATA and not t.requires_grad else k)
+        if not measured:
             out = self._untracked(func, args, kwargs, kinds)
             self._follow(func, args, kwargs, out, tensors, moves)
             return out
         if POOLED in kinds:
             raise UnsupportedUseError(
-                f"{describe(cap, func, refs)} combines a parameter with a value summed over the "
+                f"{describe(cap, func, self._flat_refs(args, kwargs)[2])} combines a parameter with a value summed over the "
                 "batch (a penalty added to the loss?): it has no per-sample part. Add it "
                 "outside the capture, or use the optimizer's weight_decay"
             )
+        rule = FUNCTION_RULES.get(func)
+        if rule is not None and func not in METADATA and kinds & {DATA, "data_nograd"}:
+            return rule(cap, func, args, kwargs)
+        flat, spec, refs = self._flat_refs(args, kwargs)
         if func in METADATA or not (kinds & {DATA, "data_nograd"}):
             out = func(*args, **kwargs)
             cap.record_expr(func, flat, spec, refs, out)
             return out
-        rule = FUNCTION_RULES.get(func)
-        if rule is not None:
-            return rule(cap, func, args, kwargs)
         out = handle_direct(cap, func, flat, spec, refs, describe(cap, func, refs))
         self._follow(func, args, kwargs, out, [t for t in tensors if cap.ref(t) is None], moves)
         return out
+
+    def _flat_refs(self, args, kwargs):
+        """``(flat, spec, refs)``: the call as a flat list (to be replayed) and the references
+        of its measured tensors by position in it."""
+        flat, spec = tree_flatten((args, kwargs))
+        refs = {}
+        for i, t in enumerate(flat):
+            r = self.capture.ref(t) if isinstance(t, torch.Tensor) else None
+            if r is not None:
+                refs[i] = r
+        return flat, spec, refs
 
     def _follow(self, func, args, kwargs, out, tensors, moves: bool) -> None:
         """Record the sample layout of the outputs of a call on data, where it moves."""
@@ -155,15 +166,22 @@ class Router(TorchFunctionMode):
         return out
 
 
-def _tensors(args, kwargs) -> Iterator[torch.Tensor]:
-    """Tensor arguments, one level into lists and tuples (where rules' tensors are)."""
+def _tensors(args, kwargs) -> Tuple[List[torch.Tensor], bool]:
+    """Tensor arguments, one level into lists and tuples (where rules' tensors are), and
+    whether a container holds containers (or a dict: then only a full flatten finds them)."""
+    out, deep = [], False
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
-            yield a
+            out.append(a)
         elif isinstance(a, (list, tuple)):
             for b in a:
                 if isinstance(b, torch.Tensor):
-                    yield b
+                    out.append(b)
+                elif isinstance(b, (list, tuple, dict)):
+                    deep = True
+        elif isinstance(a, dict):
+            deep = True
+    return out, deep
 
 
 def _pools_samples(args, kwargs) -> bool:
