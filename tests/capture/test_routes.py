@@ -190,3 +190,36 @@ def test_table_of_constant_ids_aligned_with_the_batch(monkeypatch):
     monkeypatch.undo()
     assert calls == [1]
     _assert_match(cap.per_sample_sq_norms, R.per_sample_sq_norms(model, loss_fn, x, y))
+
+
+@pytest.mark.parametrize("limit", [None, 1, 400])
+def test_held_norms_are_batched_per_shape_and_flushed_within_the_limit(limit, monkeypatch):
+    """Single-use parameters' whole per-sample gradients (biases, norms, materialised
+    weights) wait for one stacked norm per shape at the end of the pass; over
+    ``DEFER_ELEMENTS`` they are normed early. Same numbers either way."""
+    from gradnoise.capture import forms, store
+    if limit is not None:
+        monkeypatch.setattr(store, "DEFER_ELEMENTS", limit)
+    calls = Counter()
+    real = forms.sq_norms
+
+    def counted(t):
+        calls[tuple(t.shape)] += 1
+        return real(t)
+    monkeypatch.setattr(store, "sq_norms", counted)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 6), torch.nn.LayerNorm(6)).double()
+    x, y = torch.randn(B, 3, 6, dtype=torch.float64), torch.randn(B, 3, 6, dtype=torch.float64)
+
+    def loss_fn(out, t):
+        return (out - t).pow(2).sum((1, 2)).mean()
+    with gradnoise.capture.Capture(model, policy=Policy("materialise")) as cap:
+        loss_fn(model(x), y).backward()
+    _assert_match(cap.per_sample_sq_norms, R.per_sample_sq_norms(model, loss_fn, x, y))
+    if limit is None:  # three weights [B, 36] and five vectors [B, 6] (biases, the norm's weight): two norms
+        assert calls == Counter({(3 * B, 36): 1, (5 * B, 6): 1})
+    elif limit == 1:  # each held alone: one norm per parameter
+        assert sum(calls.values()) == 8
+    else:
+        assert 2 < sum(calls.values()) < 8

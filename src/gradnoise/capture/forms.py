@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-_ONE_PASS = 1 << 16  # rows up to this many elements: one fused norm (within ~3e-7 in float32)
+ONE_PASS = 1 << 16  # rows up to this many elements: one fused norm (within ~3e-7 in float32)
 _BLOCK = 1 << 12     # longer rows: partial norms of this many elements, added in float64
 
 
@@ -52,7 +52,7 @@ def sq_norms(t: torch.Tensor) -> torch.Tensor:
     dtype = torch.float32 if low else None
     if t.dim() == 1:  # a scalar parameter's gradients
         return acc(t).square()
-    if t.numel() <= _ONE_PASS * max(n, 1):
+    if t.numel() <= ONE_PASS * max(n, 1):
         return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), dtype=dtype).square()
     flat = t.reshape(n, -1)
     m = flat.shape[1]

@@ -26,10 +26,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import CaptureStateError
-from .forms import Dense, Form, ForwardFactor, Lookup, acc, as_matrix, cross, inner, project, sq_norms
+from .forms import ONE_PASS, Dense, Form, ForwardFactor, Lookup, acc, as_matrix, cross, inner, project, sq_norms
 
 # A rule's temporaries stay within max(the size of its layer's input, this many elements).
 BUDGET_FLOOR = 1 << 18  # 1 MiB of float32
+# Per-sample gradients of single-use parameters (rows up to ONE_PASS elements) held for one
+# batched norm per shape at the end of the pass, up to this many elements in all.
+DEFER_ELEMENTS = 1 << 22  # 16 MiB of float32
 
 
 def chunk_size(n: int, per_sample: int, budget: int) -> int:
@@ -113,10 +116,13 @@ class SampleStore:
 
     def _new_pass(self) -> None:
         self._params: Dict[int, _Param] = {}
+        self._held: List[Tuple[_Param, torch.Tensor]] = []  # per-sample gradients awaiting their norms
+        self._held_size = 0
         self._pass_n: Optional[int] = None
         self._in_backward = False
 
     def _close_pass(self) -> None:
+        self._norm_held()
         if self._pass_n is not None:
             norms = {self.names[k]: st.sq for k, st in self._params.items() if st.sq is not None}
             self._passes.append((self._pass_n, norms))
@@ -181,16 +187,20 @@ class SampleStore:
         st, u = self._start(param, use, form.n)
         forced = getattr(policy, "route", None)
         max_chunk = getattr(policy, "max_chunk", None)
-        sq, total = self._own(form, want_sum, budget, forced, max_chunk)
+        hold = (lambda g: self._hold(st, g)) if len(st.uses) == 1 else None
+        sq, total = self._own(form, want_sum, budget, forced, max_chunk, hold)
         if len(st.uses) > 1:
             sq = sq + 2 * self._cross(st, u, form)
             self._leave(param, st, u, form)
         u.done, u.fwd, u.q, u.kept = True, None, None, []  # let its tensors go
-        st.sq = sq if st.sq is None else st.sq + sq
+        if sq is not None:  # None: held for a batched norm
+            st.sq = sq if st.sq is None else st.sq + sq
         return total
 
-    def _own(self, form: Form, want_sum: bool, budget: int, forced, max_chunk):
-        """Own squared norms ``[n]`` of one use and, if wanted, ``Σ_n G_n``."""
+    def _own(self, form: Form, want_sum: bool, budget: int, forced, max_chunk, hold=None):
+        """Own squared norms ``[n]`` of one use and, if wanted, ``Σ_n G_n``. With ``hold``, a
+        use whose per-sample gradients exist whole (dense, or materialised in one chunk) with
+        rows of at most ``ONE_PASS`` elements hands them to ``hold`` and returns None."""
         choice, step = route(form, want_sum, budget, forced, max_chunk)
         n = form.n
         parts, total = [], None
@@ -198,17 +208,46 @@ class SampleStore:
             part = form if step >= n else form.slice(lo, lo + step)
             if choice == "materialise":
                 g = part.materialise()
-                parts.append(sq_norms(g))
+                if hold is not None and step >= n and g[0].numel() <= ONE_PASS:
+                    hold(g)
+                else:
+                    parts.append(sq_norms(g))
                 if want_sum:
                     s = g.sum(0)
                     total = s if total is None else total.add_(s)
                 del g
+            elif hold is not None and isinstance(part, Dense) and part.sq is None and part.grads[0].numel() <= ONE_PASS:
+                hold(part.grads)
             else:
                 parts.append(part.gram_sq_norms())
-        sq = parts[0] if len(parts) == 1 else torch.cat(parts)
         if want_sum and total is None:
             total = form.total()
-        return sq, total
+        if not parts:
+            return None, total
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), total
+
+    def _hold(self, st: _Param, g: torch.Tensor) -> None:
+        """Keep the per-sample gradients ``g`` ``[n, …]`` of a single-use parameter for a
+        batched norm (:meth:`_norm_held`), within ``DEFER_ELEMENTS``."""
+        if self._held_size + g.numel() > DEFER_ELEMENTS:
+            self._norm_held()
+        self._held.append((st, g.reshape(g.shape[0], -1)))
+        self._held_size += g.numel()
+
+    def _norm_held(self) -> None:
+        """Squared norms of the held gradients: one stacked norm per shape and dtype (three
+        kernels for every layer of that shape, where one norm per layer takes two each)."""
+        groups: Dict[tuple, List[Tuple[_Param, torch.Tensor]]] = {}
+        for st, g in self._held:
+            groups.setdefault((g.shape, g.dtype, g.device), []).append((st, g))
+        for items in groups.values():
+            if len(items) == 1:
+                rows = [sq_norms(items[0][1])]
+            else:
+                rows = sq_norms(torch.stack([g for _, g in items]).flatten(0, 1)).view(len(items), -1).unbind(0)
+            for (st, _), sq in zip(items, rows):
+                st.sq = sq if st.sq is None else st.sq + sq
+        self._held, self._held_size = [], 0
 
     def _cross(self, st: _Param, u: _Use, form: Form) -> torch.Tensor:
         """``Σ_{arrived k} ⟨G_n, G⁽ᵏ⁾_n⟩`` of an arriving use."""
