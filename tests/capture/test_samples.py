@@ -149,3 +149,20 @@ def test_to_samples_puts_each_samples_rows_together():
     flat = x.reshape(-1)                 # [T·n], sample-minor
     s = L.to_samples(flat, Layout(0, T, 1), n)
     assert all(sorted(s[i].reshape(-1).tolist()) == sorted(x[:, i].tolist()) for i in range(n))
+
+
+def test_a_sample_major_fold_is_seen_at_a_glance():
+    """``stays`` with the sample count: a reshape whose dim 0 stays a multiple of the batch
+    keeps the samples sample-major on dim 0 (nothing to record); any other goes to the
+    full layout computation."""
+    from gradnoise.capture.follow import stays
+    x = torch.randn(4, 3, 2)
+    for new in [(12, 2), (24,), (4, 6), (8, 3)]:
+        out = x.reshape(new)
+        assert stays(torch.Tensor.reshape, x, out, (x, new), {}, 4), new
+        assert not stays(torch.Tensor.reshape, x, out, (x, new), {}) or new[0] == 4  # without n: same rows only
+    out = x.reshape(3, 8)  # dim 0 no longer holds whole samples
+    assert not stays(torch.Tensor.reshape, x, out, (x, (3, 8)), {}, 4)
+    y = x.reshape(12, 2)
+    assert stays(torch.Tensor.view, y, y.view(4, 3, 2), (y, (4, 3, 2)), {}, 4)  # unfolded back
+    assert not stays(torch.Tensor.transpose, x, x.transpose(0, 1), (x, 0, 1), {}, 4)

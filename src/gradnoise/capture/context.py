@@ -113,8 +113,9 @@ class Capture:
         self._eager = eager()  # compiled code runs eagerly while the capture is open
         try:
             self._hooks = _modules.attach(self, self.model, self.rules)
-            self._hooks += [m.register_forward_pre_hook(self._alias) for m in self.model.modules()
-                            if self._fsdp and hasattr(m, "_get_fsdp_state")]
+            if self._fsdp:
+                self._hooks += [m.register_forward_pre_hook(self._alias) for m in self.model.modules()
+                                if hasattr(m, "_get_fsdp_state")]
             self._hooks.append(self.model.register_forward_pre_hook(self.forward_starts, with_kwargs=True))
             if self.scope == "forward":
                 self._hooks.append(self.model.register_forward_hook(

@@ -264,14 +264,17 @@ def _generic(data: list, out: torch.Tensor) -> Optional[Layout]:
 _SAME_ROWS = {_reshape, _expand, _narrow, _squeeze, _unsqueeze, _reduce}
 
 
-def stays(func, x: torch.Tensor, out, args, kwargs) -> bool:
+def stays(func, x: torch.Tensor, out, args, kwargs, n: Optional[int] = None) -> bool:
     """True where ``out`` is known at a glance to keep the samples of ``x`` (on dim 0,
     sample-major) on dim 0: a reshape, expansion, narrowing, squeeze or reduction whose
     output keeps the input's leading size, a transpose or permute that leaves dim 0 in
-    place, an index that starts with a whole slice. Then nothing needs recording."""
-    if not isinstance(out, torch.Tensor) or out.dim() == 0 or x.dim() == 0 or out.shape[0] != x.shape[0]:
+    place, an index that starts with a whole slice; given ``n``, also a reshape that folds
+    or unfolds rows sample-major (``[B, T, d] ↔ [B·T, d]``). Then nothing needs recording."""
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or x.dim() == 0:
         return False
     handler = MOVERS.get(func)
+    if out.shape[0] != x.shape[0]:
+        return handler is _reshape and n is not None and _sample_major(tuple(x.shape), tuple(out.shape), n)
     if handler in _SAME_ROWS:
         return handler is not _unsqueeze or int(_arg(args, kwargs, 1, "dim")) % (x.dim() + 1) != 0
     if handler is _transpose:
@@ -282,6 +285,14 @@ def stays(func, x: torch.Tensor, out, args, kwargs) -> bool:
         first = args[1][0] if isinstance(args[1], tuple) and args[1] else args[1]
         return isinstance(first, slice) and first == slice(None) or first is Ellipsis
     return False
+
+
+def _sample_major(shape: tuple, new: tuple, n: int) -> bool:
+    """A reshape from ``shape`` to ``new``, both ``n``·k rows on dim 0 and samples sample-major
+    on dim 0 of ``shape``, that leaves them sample-major on dim 0 of ``new``."""
+    if shape[0] % n or new[0] % n:
+        return False
+    return L.reshaped(Layout(0, 1, shape[0] // n), shape, new, n) == Layout(0, 1, new[0] // n)
 
 
 def follow(func, args: Sequence, kwargs: dict, out, data: list, n: int, record: Callable) -> None:

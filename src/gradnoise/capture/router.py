@@ -72,7 +72,7 @@ class Router(TorchFunctionMode):
         moves = func in LAYOUT_FUNCS
         if func not in REDUCTIONS and not deep and not any(map(cap.notable, tensors)):
             out = func(*args, **kwargs)  # data on dim 0 that requires grad, and constants
-            if moves and not (len(tensors) == 1 and stays(func, tensors[0], out, args, kwargs)):
+            if moves and not (len(tensors) == 1 and stays(func, tensors[0], out, args, kwargs, cap.tracker.n)):
                 self._follow(func, args, kwargs, out, tensors, True)  # where the samples went
             return out
         if deep:  # containers in containers: every tensor, wherever it sits
