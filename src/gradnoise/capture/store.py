@@ -31,8 +31,9 @@ from .forms import ONE_PASS, Dense, Form, ForwardFactor, Lookup, acc, as_matrix,
 # A rule's temporaries stay within max(the size of its layer's input, this many elements).
 BUDGET_FLOOR = 1 << 18  # 1 MiB of float32
 # Per-sample gradients of single-use parameters (rows up to ONE_PASS elements) held for one
-# batched norm per shape at the end of the pass, up to this many elements in all.
-DEFER_ELEMENTS = 1 << 22  # 16 MiB of float32
+# batched norm per shape at the end of the pass, up to the budget floor in all (1 MiB: the
+# many small norms of a launch-bound step batch, a large model's memory does not grow).
+DEFER_ELEMENTS = BUDGET_FLOOR
 
 
 def chunk_size(n: int, per_sample: int, budget: int) -> int:
