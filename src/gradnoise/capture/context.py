@@ -93,8 +93,9 @@ class Capture:
                 f"a capture of this {type(self.model).__name__} is already open; "
                 "close it before opening another"
             )
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self._fsdp = fsdp_params(self.model, named)  # FSDP2: the sharded parameters stand
+        modules = list(self.model.named_modules())  # one walk of the module tree
+        named = _trainable(modules)
+        self._fsdp = fsdp_params(self.model, named, modules)  # FSDP2: the sharded parameters stand
         named = [(n, self._fsdp[n].sharded_param if n in self._fsdp else p) for n, p in named]
         self._params: Dict[str, nn.Parameter] = dict(named)
         self._by_id = {id(p): p for _, p in named}
@@ -112,9 +113,9 @@ class Capture:
         require_stances(self._given)
         self._eager = eager()  # compiled code runs eagerly while the capture is open
         try:
-            self._hooks = _modules.attach(self, self.model, self.rules)
+            self._hooks = _modules.attach(self, modules, self.rules)
             if self._fsdp:
-                self._hooks += [m.register_forward_pre_hook(self._alias) for m in self.model.modules()
+                self._hooks += [m.register_forward_pre_hook(self._alias) for _, m in modules
                                 if hasattr(m, "_get_fsdp_state")]
             self._hooks.append(self.model.register_forward_pre_hook(self.forward_starts, with_kwargs=True))
             if self.scope == "forward":
@@ -405,6 +406,20 @@ def capture(
         cap.stats().b_simple
     """
     return Capture(model, reduction, rules)
+
+
+def _trainable(modules) -> list:
+    """``(name, parameter)`` of the parameters that require grad, as ``named_parameters()``
+    lists them (each tensor once, under its first name), from ``named_modules()``."""
+    seen, out = set(), []
+    for prefix, m in modules:
+        for k, p in m._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.requires_grad:
+                out.append((f"{prefix}.{k}" if prefix else k, p))
+    return out
 
 
 def _open_capture(model: nn.Module) -> Optional[Capture]:

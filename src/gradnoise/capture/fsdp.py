@@ -17,14 +17,16 @@ from torch import nn
 from ..errors import UnsupportedUseError
 
 
-def fsdp_params(model: nn.Module, named) -> Dict[str, Any]:
+def fsdp_params(model: nn.Module, named, modules=None) -> Dict[str, Any]:
     """``name -> FSDPParam`` of the ``(name, parameter)`` pairs ``named`` (sharded, or
-    unsharded mid-forward) that FSDP2's ``fully_shard`` manages in ``model``. Refuses the
-    DTensors it cannot follow: anything but ``Shard`` placements on one 1-D mesh."""
+    unsharded mid-forward) that FSDP2's ``fully_shard`` manages in ``model`` (whose
+    ``named_modules()`` may be given). Refuses the DTensors it cannot follow: anything but
+    ``Shard`` placements on one 1-D mesh."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no FSDP2
     module_type = getattr(fsdp, "FSDPModule", None)     # absent before torch 2.6's public FSDP2
     owners, out = {}, {}
-    for m in model.modules() if module_type is not None else ():
+    walk = (m for _, m in modules) if modules is not None else model.modules()
+    for m in walk if module_type is not None else ():
         state = m._get_fsdp_state() if isinstance(m, module_type) else None
         for group in (getattr(state, "_fsdp_param_groups", None) or [state._fsdp_param_group]) if state else ():
             for fp in group.fsdp_params if group is not None else ():

@@ -26,7 +26,7 @@ Each call of the module is one use of its parameters.
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -43,11 +43,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .context import Capture
 
 
-def attach(cap: "Capture", model: nn.Module, rules: Mapping[type, Callable]) -> List:
-    """Register the hooks a capture needs on ``model``; returns their handles."""
+def attach(cap: "Capture", modules: Sequence[Tuple[str, nn.Module]], rules: Mapping[type, Callable]) -> List:
+    """Register the hooks a capture needs on the model's ``named_modules()``; returns their
+    handles."""
     handles = []
     try:
-        for name, m in model.named_modules():
+        for name, m in modules:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 handles.append(m.register_forward_pre_hook(partial(_refuse_batch_stats, name)))
             own = {k: p for k, p in m._parameters.items() if p is not None and id(p) in cap.store.names}
