@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from .. import stats as _stats
 from ..errors import CaptureStateError, UnsupportedUseError
+from . import lean
 from . import modules as _modules
 from .compiled import eager, outside_graph, require_stances, unwrap
 from .direct import describe, handle_direct
@@ -114,6 +115,7 @@ class Capture:
         self._eager = eager()  # compiled code runs eagerly while the capture is open
         try:
             self._hooks = _modules.attach(self, modules, self.rules)
+            self._hooks += lean.attach(self, modules)
             if self._fsdp:
                 self._hooks += [m.register_forward_pre_hook(self._alias) for _, m in modules
                                 if hasattr(m, "_get_fsdp_state")]
@@ -145,6 +147,11 @@ class Capture:
         return False
 
     # ---- the router's lifetime -------------------------------------------------------
+    @property
+    def routing(self) -> bool:
+        """True while the router is on the torch-function mode stack."""
+        return self._router_on
+
     def _push_router(self) -> None:
         if not self._router_on:
             self._router.__enter__()

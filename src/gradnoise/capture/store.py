@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import CaptureStateError
-from .forms import ONE_PASS, Dense, Form, ForwardFactor, Lookup, acc, as_matrix, cross, inner, project, sq_norms
+from .forms import ONE_PASS, Dense, Factored, Form, ForwardFactor, Lookup, acc, as_matrix, cross, inner, project, sq_norms
 
 # A rule's temporaries stay within max(the size of its layer's input, this many elements).
 BUDGET_FLOOR = 1 << 18  # 1 MiB of float32
@@ -189,6 +189,10 @@ class SampleStore:
         forced = getattr(policy, "route", None)
         max_chunk = getattr(policy, "max_chunk", None)
         hold = (lambda g: self._hold(st, g)) if len(st.uses) == 1 else None
+        if hold is not None and not want_sum and forced is None and _holdable(form):
+            hold(form)  # a small factored use: normed with its peers at the end of the pass
+            u.done, u.fwd = True, None
+            return None
         sq, total = self._own(form, want_sum, budget, forced, max_chunk, hold)
         if len(st.uses) > 1:
             sq = sq + 2 * self._cross(st, u, form)
@@ -227,27 +231,36 @@ class SampleStore:
             return None, total
         return (parts[0] if len(parts) == 1 else torch.cat(parts)), total
 
-    def _hold(self, st: _Param, g: torch.Tensor) -> None:
-        """Keep the per-sample gradients ``g`` ``[n, …]`` of a single-use parameter for a
-        batched norm (:meth:`_norm_held`), within ``DEFER_ELEMENTS``."""
-        if self._held_size + g.numel() > DEFER_ELEMENTS:
+    def _hold(self, st: _Param, g) -> None:
+        """Keep the per-sample gradients of a single-use parameter — ``g`` ``[n, …]``, or a
+        small :class:`Factored` form — for a batched norm (:meth:`_norm_held`), within
+        ``DEFER_ELEMENTS`` held and computed."""
+        size = _held_size(g)
+        if self._held_size + size > DEFER_ELEMENTS:
             self._norm_held()
-        self._held.append((st, g.reshape(g.shape[0], -1)))
-        self._held_size += g.numel()
+        self._held.append((st, g if isinstance(g, Factored) else g.reshape(g.shape[0], -1)))
+        self._held_size += size
 
     def _norm_held(self) -> None:
-        """Squared norms of the held gradients: one stacked norm per shape and dtype (three
-        kernels for every layer of that shape, where one norm per layer takes two each)."""
-        groups: Dict[tuple, List[Tuple[_Param, torch.Tensor]]] = {}
+        """Squared norms of the held gradients, one batch per shape and dtype: a stacked norm
+        of dense gradients (three kernels for every layer of that shape, where one norm per
+        layer takes two); factored forms stacked and taken by the cheaper route."""
+        groups: Dict[tuple, list] = {}
         for st, g in self._held:
-            groups.setdefault((g.shape, g.dtype, g.device), []).append((st, g))
+            key = (g.rows.shape, g.cols.shape) if isinstance(g, Factored) else (g.shape,)
+            groups.setdefault(key + (_dtype(g), _where(g)), []).append((st, g))
         for items in groups.values():
-            if len(items) == 1:
-                rows = [sq_norms(items[0][1])]
+            forms = [g for _, g in items]
+            if isinstance(forms[0], Factored):
+                joined = forms[0] if len(forms) == 1 else Factored(
+                    torch.cat([f.rows for f in forms]), torch.cat([f.cols for f in forms]))
+                _, r, c = joined.factor_dims()
+                t = joined.positions
+                sq = joined.gram_sq_norms() if t * (r + c) < r * c else sq_norms(joined.materialise())
             else:
-                rows = sq_norms(torch.stack([g for _, g in items]).flatten(0, 1)).view(len(items), -1).unbind(0)
-            for (st, _), sq in zip(items, rows):
-                st.sq = sq if st.sq is None else st.sq + sq
+                sq = sq_norms(forms[0] if len(forms) == 1 else torch.stack(forms).flatten(0, 1))
+            for (st, _), row in zip(items, sq.view(len(items), -1).unbind(0)):
+                st.sq = row if st.sq is None else st.sq + row
         self._held, self._held_size = [], 0
 
     def _cross(self, st: _Param, u: _Use, form: Form) -> torch.Tensor:
@@ -307,6 +320,28 @@ class SampleStore:
         if self.mean_reduction:
             rows.mul_(float(self.batch_size) ** 2)
         return list(names), rows
+
+
+def _holdable(form: Form) -> bool:
+    """A factored form over a whole parameter, norm not yet known, small enough to hold."""
+    return isinstance(form, Factored) and form.sq is None and form.start == 0 and form.num_rows in (None, form.rows.shape[-1]) \
+        and form.rows.shape[-1] * form.cols.shape[-1] <= ONE_PASS and _held_size(form) <= DEFER_ELEMENTS
+
+
+def _held_size(g) -> int:
+    """Elements a held item keeps, or needs when normed (whichever is larger)."""
+    if not isinstance(g, Factored):
+        return g.numel()
+    n, t, r, c = g.n, g.positions, g.rows.shape[-1], g.cols.shape[-1]
+    return n * max(t * (r + c), min(r * c, 2 * t * t))
+
+
+def _dtype(g) -> torch.dtype:
+    return (g.cols if isinstance(g, Factored) else g).dtype
+
+
+def _where(g) -> torch.device:
+    return (g.cols if isinstance(g, Factored) else g).device
 
 
 def _param_matrix(param: torch.Tensor) -> Tuple[int, int]:

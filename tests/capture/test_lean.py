@@ -1,0 +1,140 @@
+"""Small ``nn.Linear`` layers measured by module hooks (``capture/lean.py``), and the
+factored forms of single-use weights normed together at the end of the pass: exact against
+the float64 oracle, and every case the lean path leaves to the router still exact."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+import gradnoise
+import reference as R
+from gradnoise.capture import lean, store
+from gradnoise.capture.forms import Factored
+
+B = 4
+
+
+def loss_fn(out, y):
+    return (out - y).pow(2).flatten(1).sum(1).mean()
+
+
+def _check(model, x, y, **kw):
+    with gradnoise.capture.Capture(model, **kw) as cap:
+        loss_fn(model(x), y).backward()
+    want = R.per_sample_sq_norms(model, loss_fn, x, y)
+    got = cap.per_sample_sq_norms
+    assert set(got) == set(want)
+    for k, w in want.items():
+        torch.testing.assert_close(got[k].double(), w, rtol=1e-9, atol=1e-12 * float(w.max()), msg=k)
+
+
+@pytest.fixture
+def lean_calls(monkeypatch):
+    """How many layer calls took the lean path."""
+    seen = Counter()
+    real = lean.LeanLinear._register
+
+    def counted(self, args, y):
+        seen["lean"] += 1
+        return real(self, args, y)
+    monkeypatch.setattr(lean.LeanLinear, "_register", counted)
+    return seen
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7, bias=False), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+@pytest.mark.parametrize("shape", [(B, 5), (B, 3, 5), (B * 3, 5)])
+def test_lean_layers_are_exact(shape, lean_calls):
+    model = mlp()
+    x = torch.randn(*shape, dtype=torch.float64)
+    _check(model, x, torch.randn(*shape[:-1], 3, dtype=torch.float64))
+    assert lean_calls["lean"] == 3
+
+
+def test_what_the_lean_path_leaves_to_the_router_is_exact(lean_calls, monkeypatch):
+    model = mlp()
+    x, y = torch.randn(B, 3, 5, dtype=torch.float64), torch.randn(B, 3, 3, dtype=torch.float64)
+    with monkeypatch.context() as m:
+        m.setattr(lean, "LEAN_MACS", 10)  # every layer too large
+        _check(model, x, y)
+    assert lean_calls["lean"] == 0
+
+    seq_first = nn.Sequential(nn.Linear(5, 3)).double()  # samples on dim 1: [T, B, d]
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = seq_first
+
+        def forward(self, x):
+            return self.inner(x.transpose(0, 1)).transpose(0, 1)
+    lean_calls.clear()
+    _check(SeqFirst(), x, y)
+    assert lean_calls["lean"] == 0
+
+    model = mlp()  # a pre-hook added after ours may change the input: the router measures
+    x, y = torch.randn(B, 5, dtype=torch.float64), torch.randn(B, 3, dtype=torch.float64)
+    lean_calls.clear()
+    with gradnoise.capture(model) as cap:
+        handle = model[0].register_forward_pre_hook(lambda m, a: (a[0] * 2,))
+        loss_fn(model(x), y).backward()
+    assert lean_calls["lean"] == 2
+    want = R.per_sample_sq_norms(model, loss_fn, x, y)  # the hook is still on: the oracle sees it too
+    handle.remove()
+    for k, w in want.items():
+        torch.testing.assert_close(cap.per_sample_sq_norms[k].double(), w, rtol=1e-9, atol=0, msg=k)
+
+
+def test_a_lean_weight_used_again_elsewhere_gets_its_cross_terms(lean_calls):
+    """A lean layer's weight also used directly (``x @ W.t()``) and a layer called twice:
+    the uses meet in the store with exact cross terms."""
+    torch.manual_seed(0)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            h = torch.tanh(self.a(h))  # the same layer twice
+            return self.b(h) + h @ self.b.weight.t()  # and its weight directly
+    model = Tied().double()
+    x = torch.randn(B, 3, 4, dtype=torch.float64)
+    _check(model, x, torch.randn(B, 3, 4, dtype=torch.float64))
+    assert lean_calls["lean"] == 3
+
+
+def test_under_autocast_the_router_measures(lean_calls):
+    model = mlp().float()
+    x = torch.randn(B, 5)
+    with gradnoise.capture(model) as cap, torch.autocast("cpu", torch.bfloat16):
+        loss_fn(model(x).float(), torch.randn(B, 3)).backward()
+    assert lean_calls["lean"] == 0 and len(cap.per_sample_sq_norms) == 5
+
+
+@pytest.mark.parametrize("limit", [None, 1])
+def test_factored_forms_are_normed_per_shape_by_the_cheaper_route(limit, monkeypatch):
+    """Three same-shape layers: one stacked computation at the end of the pass, by the
+    Gram route where it is cheaper and by materialising otherwise; flushed early over the
+    limit, with the same numbers."""
+    if limit is not None:
+        monkeypatch.setattr(store, "DEFER_ELEMENTS", limit)
+    seen = Counter()
+    for meth in ("gram_sq_norms", "materialise"):
+        real = getattr(Factored, meth)
+        monkeypatch.setattr(Factored, meth, lambda self, _r=real, _m=meth: (seen.update([(_m, self.n)]), _r(self))[1])
+    torch.manual_seed(0)
+    for T, width in ((2, 6), (12, 3)):  # T(R + C) < RC: Gram; else materialise
+        seen.clear()
+        model = nn.Sequential(*[nn.Linear(width, width) for _ in range(3)]).double()
+        x = torch.randn(B, T, width, dtype=torch.float64)
+        _check(model, x, torch.randn(B, T, width, dtype=torch.float64))
+        route = "gram_sq_norms" if T * 2 * width < width * width else "materialise"
+        assert seen == (Counter({(route, 3 * B): 1}) if limit is None else Counter({(route, B): 3}))
