@@ -138,3 +138,24 @@ def test_factored_forms_are_normed_per_shape_by_the_cheaper_route(limit, monkeyp
         _check(model, x, torch.randn(B, T, width, dtype=torch.float64))
         route = "gram_sq_norms" if T * 2 * width < width * width else "materialise"
         assert seen == (Counter({(route, 3 * B): 1}) if limit is None else Counter({(route, B): 3}))
+
+
+def test_hugging_face_conv1d_and_a_tied_head_are_lean_and_exact(lean_calls):
+    """GPT-2's ``Conv1D`` layers (weights ``[d_in, d_out]``) and its ``lm_head`` tied to the
+    token table: lean hooks, the tie's cross terms from the store."""
+    transformers = pytest.importorskip("transformers")
+    import zoo_models
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=30, n_positions=6, n_embd=8, n_layer=1, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = zoo_models.Logits(transformers.GPT2LMHeadModel(cfg)).double()
+    ids = torch.randint(0, 30, (B, 6))
+
+    def ce(out, y):
+        return torch.nn.functional.cross_entropy(out.reshape(-1, 30), y.reshape(-1))
+    with gradnoise.capture(model) as cap:
+        ce(model(ids), ids).backward()
+    assert lean_calls["lean"] == 5  # c_attn, attn c_proj, c_fc, mlp c_proj, lm_head
+    want = R.per_sample_sq_norms(model, ce, ids, ids)
+    for k, w in want.items():
+        torch.testing.assert_close(cap.per_sample_sq_norms[k].double(), w, rtol=1e-9, atol=1e-12 * float(w.max()), msg=k)

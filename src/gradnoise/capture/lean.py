@@ -1,4 +1,5 @@
-"""Small ``nn.Linear`` layers measured by two module hooks instead of the router.
+"""Small ``nn.Linear`` layers (and Hugging Face ``Conv1D``) measured by two module hooks
+instead of the router.
 
 Where a step is launch-bound (small tensors: on a GPU, most small and medium models), the
 Python a layer's rule runs per call costs more than the layer itself. An ``nn.Linear``
@@ -21,6 +22,7 @@ a module rule covering the layer, a pre-hook after ours) goes through the router
 """
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, List, Optional
 
 import torch
@@ -41,10 +43,11 @@ LEAN_MACS = 1 << 21  # multiply-adds of the layer's weight gradient (about 2M: m
 class LeanLinear:
     """The hooks of one ``nn.Linear`` of a capture."""
 
-    __slots__ = ("cap", "module", "weight", "bias", "_pre_id", "_active")
+    __slots__ = ("cap", "module", "weight", "bias", "transposed", "_pre_id", "_active")
 
-    def __init__(self, cap: "Capture", module: nn.Linear):
-        self.cap, self.module = cap, module
+    def __init__(self, cap: "Capture", module: nn.Module, transposed: bool = False):
+        """``transposed``: a Hugging Face ``Conv1D``, ``y = x W + b`` with ``W`` ``[d_in, d_out]``."""
+        self.cap, self.module, self.transposed = cap, module, transposed
         names = cap.store.names
         self.weight = module.weight if id(module.weight) in names else None
         self.bias = module.bias if module.bias is not None and id(module.bias) in names else None
@@ -100,7 +103,8 @@ class LeanLinear:
         n = cap.tracker.n
         a = x.detach().reshape(n, -1, x.shape[-1])  # [n, T, d_in]
         store, w, b = cap.store, self.weight, self.bias
-        uw = store.add_use(w, lambda: ForwardFactor("cols", a), (0, w.shape[0]))
+        side = "rows" if self.transposed else "cols"  # where the input sits in the weight's gradient
+        uw = store.add_use(w, lambda: ForwardFactor(side, a), (0, w.shape[0]))
         ub = store.add_use(b, None, (0, b.shape[0])) if b is not None else None
         box = [a]
         y.register_hook(lambda d: self._backward(take(box), d, uw, ub))
@@ -111,16 +115,33 @@ class LeanLinear:
         store, policy = self.cap.store, self.cap.policy
         if ub is not None:
             store.give(self.bias, ub, Dense(d.sum(1) if d.shape[1] > 1 else d[:, 0]), policy=policy)
-        store.give(self.weight, uw, Factored(d, a, d.shape[-1]), policy=policy)
+        form = Factored(d, a, d.shape[-1])
+        store.give(self.weight, uw, form.swapped() if self.transposed else form, policy=policy)
 
 
 def attach(cap: "Capture", modules) -> List:
-    """Lean hooks on every ``nn.Linear`` of ``modules`` (``named_modules()``) that runs the
-    standard forward; returns their handles."""
+    """Lean hooks on every ``nn.Linear`` (and Hugging Face ``Conv1D``) of ``modules``
+    (``named_modules()``) that runs its class's standard forward; returns their handles."""
+    conv1d = _hf_conv1d()
     handles = []
     for _, m in modules:
         if type(m).forward is nn.Linear.forward and isinstance(m, nn.Linear):
             lean = LeanLinear(cap, m)
-            if lean.weight is not None:
-                handles += lean.attach()
+        elif conv1d is not None and type(m).forward is conv1d.forward and isinstance(m, conv1d):
+            lean = LeanLinear(cap, m, transposed=True)
+        else:
+            continue
+        if lean.weight is not None:
+            handles += lean.attach()
     return handles
+
+
+def _hf_conv1d():
+    """Hugging Face's ``Conv1D`` class where transformers is already imported (else None)."""
+    if "transformers" not in sys.modules:
+        return None
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - a transformers without it
+        return None
+    return Conv1D
