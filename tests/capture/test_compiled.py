@@ -137,7 +137,7 @@ def test_monitor_on_a_compiled_model(name, source):
         assert set(r.raw.by_param) == set(dict(model.named_parameters()))
 
 
-def test_in_place_compile_and_a_capture_inside_a_compiled_function():
+def test_in_place_compile_and_a_capture_inside_a_compiled_function_is_refused():
     model, x, y = build("mlp")
     want = ref.per_sample_sq_norms(model, loss_fn, x, y)
     model.compile()
@@ -149,15 +149,38 @@ def test_in_place_compile_and_a_capture_inside_a_compiled_function():
         torch.testing.assert_close(cap.per_sample_sq_norms[n], want[n], rtol=1e-9, atol=1e-12)
 
     @torch.compile
-    def step(x, y):  # the capture's entry points run at graph breaks, the rest eagerly
+    def step(x, y):  # a capture cannot watch the graph it is part of: a clear error
         model.zero_grad()
         with gradnoise.capture(model) as inner:
             loss_fn(model(x), y).backward()
         return inner
 
-    got = step(x, y).per_sample_sq_norms
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-12)
+    with pytest.raises(GradNoiseError, match="inside a torch.compile'd function"):
+        step(x, y)
+
+    monitor = gradnoise.NoiseMonitor(model, every=1)  # waiting: compiled code runs eagerly
+
+    @torch.compile
+    def train(x, y):  # so a whole compiled training step still works, eagerly
+        model.zero_grad()
+        loss_fn(model(x), y).backward()
+        return monitor.step()
+
+    try:
+        rec = train(x, y)
+    finally:
+        monitor.close()
+    grads = ref.per_sample_grads(model, loss_fn, x, y)
+    assert rec.raw.trace_cov == pytest.approx(ref.noise_stats(grads).total.trace_cov, rel=1e-9)
+
+    monitor = gradnoise.NoiseMonitor(model, every=2)
+    try:
+        train(x, y)  # step 0, measured: eagerly
+        with pytest.raises(GradNoiseError, match="monitor stepped inside a torch.compile'd function"):
+            train(x, y)  # step 1 runs compiled, and its step() would start waiting for step 2 inside the graph
+    finally:
+        monitor.close()
+    assert _stance() == "default"
 
 
 def test_without_compile_stances_a_compiled_model_is_refused(monkeypatch):

@@ -159,3 +159,23 @@ def test_hugging_face_conv1d_and_a_tied_head_are_lean_and_exact(lean_calls):
     want = R.per_sample_sq_norms(model, ce, ids, ids)
     for k, w in want.items():
         torch.testing.assert_close(cap.per_sample_sq_norms[k].double(), w, rtol=1e-9, atol=1e-12 * float(w.max()), msg=k)
+
+
+def test_layer_and_group_norms_are_lean_and_exact(monkeypatch):
+    seen = Counter()
+    real = lean.LeanNorm._register
+    monkeypatch.setattr(lean.LeanNorm, "_register",
+                        lambda self, x, y: (seen.update([type(self.module).__name__]), real(self, x, y))[1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Flatten(2), nn.LayerNorm(9),
+                          nn.Tanh(), nn.LayerNorm(9, bias=False)).double()
+    model[3].weight.requires_grad_(False)  # a norm with its bias measured only
+    x = torch.randn(B, 2, 3, 3, dtype=torch.float64)
+    _check(model, x, torch.randn(B, 4, 9, dtype=torch.float64))
+    assert seen == Counter({"GroupNorm": 1, "LayerNorm": 2})
+    seen.clear()
+    whole = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm((B, 3))).double()  # normalises across the samples
+    with pytest.raises(gradnoise.errors.SampleMixingError):
+        with gradnoise.capture(whole):
+            whole(torch.randn(B, 3, dtype=torch.float64)).sum().backward()
+    assert not seen

@@ -11,6 +11,7 @@ or wrapped (``torch.compile(model)``) is measured under its own parameter names.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, ContextManager
 
 import torch
@@ -45,8 +46,9 @@ def require_stances(model: nn.Module) -> None:
 
 def eager() -> ContextManager:
     """Compiled code runs eagerly from this call until the returned context's ``__exit__``
-    (which restores the stance before it; nothing without stances)."""
-    set_stance = _set_stance()
+    (which restores the stance before it). Nothing where Dynamo was never imported (no
+    compiled code can exist, and importing it costs a second) or torch has no stances."""
+    set_stance = _set_stance() if "torch._dynamo" in sys.modules else None
     return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")
 
 
@@ -76,9 +78,28 @@ def hold_eager() -> Callable[[], None]:
     return release
 
 
-def outside_graph(fn):
-    """``fn`` (a capture's entry points, the monitor's hooks) never traced by Dynamo: called
-    from compiled code, it runs eagerly at a graph break, and once a capture is open the
-    rest of the frame runs eagerly too."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return fn if disable is None else disable(fn)
+def refuse_compiled_region(what: str) -> None:
+    """Raise where Dynamo is tracing gradnoise's own code (a capture opened, or a monitor
+    stepped, inside a function given to ``torch.compile``): it cannot watch the graph it
+    is part of."""
+    if _in_compiled_region():
+        raise GradNoiseError(
+            f"{what} inside a torch.compile'd function: open the capture (or call monitor.step()) "
+            "outside it and compile the model or its forward instead; measured passes then run "
+            "eagerly, the others compiled"
+        )
+
+
+def _in_compiled_region() -> bool:
+    """True while Dynamo traces, or runs the eager parts of, a compiled function."""
+    if "torch._dynamo" not in sys.modules:
+        return False
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    if compiling is not None and compiling():
+        return True
+    try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    except ImportError:  # pragma: no cover - a torch without it
+        return False
+    callback = get_eval_frame_callback()
+    return callback is not None and callback is not False

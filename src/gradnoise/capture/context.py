@@ -24,7 +24,7 @@ from .. import stats as _stats
 from ..errors import CaptureStateError, UnsupportedUseError
 from . import lean
 from . import modules as _modules
-from .compiled import eager, outside_graph, require_stances, unwrap
+from .compiled import eager, refuse_compiled_region, require_stances, unwrap
 from .direct import describe, handle_direct
 from .fsdp import fsdp_params, local_shard, whole_norms
 from .expression import Expr, ExprRef
@@ -85,8 +85,8 @@ class Capture:
         self._sums: Dict[str, float] = {}
 
     # ---- context ------------------------------------------------------------------
-    @outside_graph
     def __enter__(self) -> "Capture":
+        refuse_compiled_region("a capture opened")
         if self._state != "new":
             raise CaptureStateError("a capture can be entered only once; make a new one")
         if _open_capture(self.model) is not None:
@@ -115,7 +115,8 @@ class Capture:
         self._eager = eager()  # compiled code runs eagerly while the capture is open
         try:
             self._hooks = _modules.attach(self, modules, self.rules)
-            self._hooks += lean.attach(self, modules)
+            if not self._fsdp:  # FSDP2 swaps the parameters a layer holds: the router follows it
+                self._hooks += lean.attach(self, modules)
             if self._fsdp:
                 self._hooks += [m.register_forward_pre_hook(self._alias) for _, m in modules
                                 if hasattr(m, "_get_fsdp_state")]
@@ -132,7 +133,6 @@ class Capture:
         self._state = "open"
         return self
 
-    @outside_graph
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
             self._pop_router()
@@ -162,7 +162,6 @@ class Capture:
             self._router_on = False
             self._router.__exit__(None, None, None)
 
-    @outside_graph
     def forward_starts(self, module, args, kwargs):
         """The model's forward begins: its inputs are this pass's samples. With
         ``scope="forward"`` the router is on only while the model's forward runs, so an

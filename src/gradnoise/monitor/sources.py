@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..capture import Capture
-from ..capture.compiled import hold_eager, outside_graph
+from ..capture.compiled import hold_eager, refuse_compiled_region
 from ..errors import CaptureStateError, GradNoiseError
 from .moments import Moments
 
@@ -45,12 +45,12 @@ def trainable(model: nn.Module) -> Dict[str, nn.Parameter]:
 def forward_pre_hook(model: nn.Module, owner, method: str, with_kwargs: bool = False):
     """Register ``owner.<method>`` as a forward pre-hook of ``model`` through a weak
     reference, acting only for ``model`` itself: a ``copy.deepcopy`` of the model copies
-    its hooks, and the copy's forward must not drive this monitor. Dynamo never traces it:
-    where ``torch.compile`` inlines the model's hooks (a ``torch.nn`` container, an
-    in-place ``model.compile()``) it runs eagerly at a graph break before the first op."""
+    its hooks, and the copy's forward must not drive this monitor. Where ``torch.compile``
+    inlines the model's hooks (a ``torch.nn`` container, an in-place ``model.compile()``)
+    Dynamo traces it: a waiting per-sample monitor has compiled code run eagerly, so a
+    capture is never opened inside a graph."""
     ref = weakref.ref(owner)
 
-    @outside_graph
     def hook(module, *args):
         target = ref()
         if target is not None and module is target.model:
@@ -130,6 +130,7 @@ class PerSampleSource:
         call would not reach the rest of it)."""
         self._pending = True
         if self._release is None:
+            refuse_compiled_region("a per-sample monitor stepped")
             self._release = weakref.finalize(self, hold_eager())
 
     def _close(self) -> Optional[Capture]:
