@@ -27,7 +27,6 @@ import datetime
 import json
 import math
 import os
-import time
 import traceback
 from typing import Dict, List
 
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import reference as R
+from workers import wait_for_workers
 
 IN, HIDDEN, OUT = 4, 6, 3
 MODEL_SEED = 1234
@@ -203,16 +203,9 @@ def spawn_worlds(tmp_dir: str) -> Dict[int, Dict[str, List[dict]]]:
         join=False,
         start_method="spawn",
     )
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the DDP workers did not finish in {JOIN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    expected = [os.path.join(tmp_dir, f"w{world}.{sc['name']}.rank{r}.json")
+                for world, scenarios in plan for sc in scenarios for r in range(world)]
+    wait_for_workers(ctx, JOIN_TIMEOUT_S, "DDP", expected)
     results: Dict[int, Dict[str, List[dict]]] = {}
     for world, scenarios in plan:
         results[world] = {}

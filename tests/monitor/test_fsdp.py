@@ -23,7 +23,6 @@ import datetime
 import json
 import math
 import os
-import time
 import traceback
 from typing import List
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import reference as R
+from workers import wait_for_workers
 
 WORLD = 2
 IN, HIDDEN, OUT, VOCAB, T = 4, 6, 3, 7, 3
@@ -197,18 +197,10 @@ def spawned(tmp_path_factory):
     """name -> per-rank results of every scenario (spawned once for the module)."""
     tmp = str(tmp_path_factory.mktemp("fsdp"))
     ctx = mp.start_processes(fsdp_worker, args=(tmp, tmp), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the FSDP workers did not finish in {JOIN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    names = [sc["name"] for sc in SCENARIOS] + ERRORS
+    wait_for_workers(ctx, JOIN_TIMEOUT_S, "FSDP", [os.path.join(tmp, f"{n}.rank{r}.json") for n in names for r in range(WORLD)])
     out = {}
-    for name in [sc["name"] for sc in SCENARIOS] + ERRORS:
+    for name in names:
         out[name] = []
         for r in range(WORLD):
             with open(os.path.join(tmp, f"{name}.rank{r}.json")) as fh:
