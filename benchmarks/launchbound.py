@@ -17,12 +17,14 @@ plain ones); floors: ``mode-only`` (a torch-function mode that passes every call
 and ``module-hooks`` (a do-nothing full backward hook on every module). Time: rounds in
 which every variant runs once in a rotating order; the ratio of medians to plain.
 Kernels: the non-view aten operations one step dispatches (a dispatch mode counting).
+Phases: the median time of opening the capture, forward, backward and closing it.
 """
 from __future__ import annotations
 
 import copy
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -180,6 +182,28 @@ def kernels(fn: Callable[[], None]) -> int:
     return k.n
 
 
+PHASES = ("open", "forward", "backward", "close")
+
+
+def phases(model: nn.Module, x, y, capture: bool) -> List[float]:
+    """Seconds of one step's phases: opening the capture, forward and loss, backward,
+    closing the capture and reading its norms (plain: the open and close phases are 0)."""
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    cap = gradnoise.capture(model) if capture else None
+    if cap is not None:
+        cap.__enter__()
+    t1 = time.perf_counter()
+    loss = loss_fn(model(x), y)
+    t2 = time.perf_counter()
+    loss.backward()
+    t3 = time.perf_counter()
+    if cap is not None:
+        cap.__exit__(None, None, None)
+        cap.per_sample_sq_norms
+    return [t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3]
+
+
 def bench(name: str, repeats: int, warmup: int) -> dict:
     model, x, y = build(name)
     fns = variants(model, x, y)
@@ -188,7 +212,12 @@ def bench(name: str, repeats: int, warmup: int) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = {k: med[k] / med["plain"] for k in ("capture", "mode-only", "module-hooks")}
     ratio["monitor/10"] = med["monitor/10"] / med["plain/10"]
-    return {"model": name, "plain_ms": 1e3 * med["plain"], "ratios": ratio, "kernels": counts,
+    split = {k: [] for k in ("plain", "capture")}
+    for _ in range(repeats):  # alternating, after the rounds above warmed both up
+        for k in split:
+            split[k].append(phases(model, x, y, k == "capture"))
+    by_phase = {k: {p: 1e3 * statistics.median(r[i] for r in v) for i, p in enumerate(PHASES)} for k, v in split.items()}
+    return {"model": name, "plain_ms": 1e3 * med["plain"], "ratios": ratio, "kernels": counts, "phases_ms": by_phase,
             "times_ms": {k: [1e3 * t for t in v] for k, v in times.items()}}
 
 
@@ -200,6 +229,11 @@ def markdown(rows: List[dict]) -> str:
         out.append(f"| {r['model']} | {r['plain_ms']:.1f} ms | **{q['capture']:.2f}×** | {k['capture']} / {k['plain']} "
                    f"({k['capture'] / k['plain']:.2f}×) | {q['monitor/10']:.2f}× | {q['mode-only']:.2f}× | "
                    f"{q['module-hooks']:.2f}× |")
+    out += ["", "Where the time goes (median ms, plain / capture):", "",
+            "| model | " + " | ".join(PHASES) + " |", "|---|" + "---:|" * len(PHASES)]
+    for r in rows:
+        ph = r["phases_ms"]
+        out.append(f"| {r['model']} | " + " | ".join(f"{ph['plain'][p]:.2f} / {ph['capture'][p]:.2f}" for p in PHASES) + " |")
     return "\n".join(out)
 
 

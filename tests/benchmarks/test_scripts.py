@@ -46,6 +46,8 @@ def test_launchbound_and_compiled_run(tmp_path):
     import launchbound
     rows = _rows(tmp_path, launchbound, ["--models", "token-mlp", "--repeats", "1", "--warmup", "0"])
     assert rows[0]["kernels"]["capture"] > rows[0]["kernels"]["plain"] > 0
+    phases = rows[0]["phases_ms"]
+    assert phases["plain"]["open"] < phases["capture"]["open"] and phases["plain"]["forward"] > 0
     rows = _rows(tmp_path, compiled, ["--models", "token-mlp", "--repeats", "1", "--warmup", "0"])
     graphs, breaks = rows[0]["graphs_before"]
     assert graphs >= 1 and rows[0]["graphs_after"][0] == graphs  # measured steps compile nothing new

@@ -254,9 +254,8 @@ class SampleStore:
             if isinstance(forms[0], Factored):
                 joined = forms[0] if len(forms) == 1 else Factored(
                     torch.cat([f.rows for f in forms]), torch.cat([f.cols for f in forms]))
-                _, r, c = joined.factor_dims()
-                t = joined.positions
-                sq = joined.gram_sq_norms() if t * (r + c) < r * c else sq_norms(joined.materialise())
+                choice, _ = route(joined, False, DEFER_ELEMENTS, None, None)  # whole, within the limit
+                sq = joined.gram_sq_norms() if choice == "gram" else sq_norms(joined.materialise())
             else:
                 sq = sq_norms(forms[0] if len(forms) == 1 else torch.stack(forms).flatten(0, 1))
             for (st, _), row in zip(items, sq.view(len(items), -1).unbind(0)):
