@@ -13,8 +13,10 @@ Models (random init, float32, dropout 0):
 Variants of one training step (``zero_grad`` → forward → mean cross-entropy → backward):
 ``plain``; ``capture`` (every step inside ``gradnoise.capture``, norms read);
 ``monitor/10`` (``NoiseMonitor(source="per_sample", every=10)``: ten steps against ten
-plain ones); floors: ``mode-only`` (a torch-function mode that passes every call through)
-and ``module-hooks`` (a do-nothing full backward hook on every module). Time: rounds in
+plain ones); floors: ``mode-only`` (a torch-function mode that passes every call through),
+``module-hooks`` (a do-nothing full backward hook on every module) and ``leaf-hooks`` (the
+least a plan-once engine would install: on every module holding parameters a forward hook
+that puts a do-nothing tensor hook on its output, with no per-sample work at all). Time: rounds in
 which every variant runs once in a rotating order; the ratio of medians to plain.
 Kernels: the non-view aten operations one step dispatches (a dispatch mode counting).
 Phases: the median time of opening the capture, forward, backward and closing it.
@@ -116,6 +118,11 @@ class KernelCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _tensor_hook(module, args, out) -> None:
+    if isinstance(out, torch.Tensor) and out.requires_grad:
+        out.register_hook(lambda d: None)
+
+
 def variants(model: nn.Module, x, y) -> Dict[str, Callable[[], None]]:
     """Name -> one step (``monitor/10``: ten steps)."""
     def plain(m=model):
@@ -143,6 +150,17 @@ def variants(model: nn.Module, x, y) -> Dict[str, Callable[[], None]]:
                 h.remove()
             hooks.clear()
 
+    def leaf_hooks():
+        for m in model.modules():
+            if next(m.parameters(recurse=False), None) is not None:
+                hooks.append(m.register_forward_hook(_tensor_hook))
+        try:
+            plain()
+        finally:
+            for h in hooks:
+                h.remove()
+            hooks.clear()
+
     monitor10 = monitored_block(model, x, y, "per_sample", 10)
 
     def plain10():
@@ -150,7 +168,7 @@ def variants(model: nn.Module, x, y) -> Dict[str, Callable[[], None]]:
             plain()
 
     return {"plain": plain, "capture": capture, "mode-only": mode_only, "module-hooks": module_hooks,
-            "plain/10": plain10, "monitor/10": monitor10}
+            "leaf-hooks": leaf_hooks, "plain/10": plain10, "monitor/10": monitor10}
 
 
 def monitored_block(model: nn.Module, x, y, source: str, every: int, compile_it: bool = False) -> Callable[[], None]:
@@ -210,7 +228,7 @@ def bench(name: str, repeats: int, warmup: int) -> dict:
     counts = {k: kernels(fns[k]) for k in ("plain", "capture")}
     times = time_rotating(fns, repeats, warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = {k: med[k] / med["plain"] for k in ("capture", "mode-only", "module-hooks")}
+    ratio = {k: med[k] / med["plain"] for k in ("capture", "mode-only", "module-hooks", "leaf-hooks")}
     ratio["monitor/10"] = med["monitor/10"] / med["plain/10"]
     split = {k: [] for k in ("plain", "capture")}
     for _ in range(repeats):  # alternating, after the rounds above warmed both up
@@ -222,13 +240,13 @@ def bench(name: str, repeats: int, warmup: int) -> dict:
 
 
 def markdown(rows: List[dict]) -> str:
-    out = ["| model | plain step | capture | kernels capture / plain | monitor every=10 | floor: mode only | floor: module hooks |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| model | plain step | capture | kernels capture / plain | monitor every=10 | floor: mode only | floor: module hooks | floor: leaf hooks |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         q, k = r["ratios"], r["kernels"]
         out.append(f"| {r['model']} | {r['plain_ms']:.1f} ms | **{q['capture']:.2f}×** | {k['capture']} / {k['plain']} "
                    f"({k['capture'] / k['plain']:.2f}×) | {q['monitor/10']:.2f}× | {q['mode-only']:.2f}× | "
-                   f"{q['module-hooks']:.2f}× |")
+                   f"{q['module-hooks']:.2f}× | {q['leaf-hooks']:.2f}× |")
     out += ["", "Where the time goes (median ms, plain / capture):", "",
             "| model | " + " | ".join(PHASES) + " |", "|---|" + "---:|" * len(PHASES)]
     for r in rows:

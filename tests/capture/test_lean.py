@@ -179,3 +179,58 @@ def test_layer_and_group_norms_are_lean_and_exact(monkeypatch):
         with gradnoise.capture(whole):
             whole(torch.randn(B, 3, dtype=torch.float64)).sum().backward()
     assert not seen
+
+
+def test_steps_whose_uses_change_are_each_exact(lean_calls):
+    """The lean path decides per call, not from a plan made at the first step: a later step
+    that takes another branch, changes shape, switches train/eval or uses a weight in a new
+    place is measured exactly, each by whichever path fits it."""
+    torch.manual_seed(0)
+
+    class Changing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+            self.reuse = False
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            if float(x.sum()) > 0:  # a data-dependent branch
+                h = torch.tanh(self.b(h))
+            if not self.training:  # train/eval switch
+                h = h * 2
+            if self.reuse:  # a weight used in a new place, directly
+                h = h + torch.tanh(h @ self.a.weight.t())
+            return self.c(h)
+
+    model = Changing().double()
+
+    def step(x, lean):
+        y = torch.randn(*x.shape[:-1], 2, dtype=torch.float64)
+        lean_calls.clear()
+        _check(model, x, y)
+        assert lean_calls["lean"] == lean
+
+    x = torch.randn(B, 4, dtype=torch.float64)
+    step(x.abs(), 3)                                       # the first step: a, b, c
+    step(-x.abs(), 2)                                      # the other branch: b unused
+    step(torch.randn(B + 3, 5, 4, dtype=torch.float64).abs(), 3)  # new batch and sequence shape
+    model.eval()
+    step(x.abs(), 3)
+    model.train()
+    model.reuse = True
+    step(x.abs(), 3)                                       # a's weight also used directly
+    model.reuse = False
+    seq_first = x.abs().unsqueeze(0).expand(3, B, 4).contiguous()  # samples moved to dim 1
+
+    class Moved(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x.transpose(0, 1)).transpose(0, 1)
+    wrapped = Moved(model)
+    lean_calls.clear()
+    _check(wrapped, seq_first.transpose(0, 1).contiguous(), torch.randn(B, 3, 2, dtype=torch.float64))
+    assert lean_calls["lean"] == 0  # the same layers, their samples on dim 1: the router measures
