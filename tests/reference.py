@@ -323,3 +323,24 @@ def client_population_stats(
     g2 = float(F.pow(2).sum())
     B2 = math.fsum(wk * float(m.pow(2).sum()) for wk, m in zip(w, means)) / g2
     return {"within": within, "between": between, "total": total, "grad_sq_norm": g2, "dissimilarity_sq": B2}
+
+
+def preconditioned_stats(grads: Mapping[str, Tensor], weights: Mapping[str, float]) -> RefNoise:
+    """Oracle statistics of the per-sample gradients scaled tensor by tensor by ``√w_p``
+    (Adam's preconditioner with one weight ``w_p = mean P²`` per tensor): ``trace_cov =
+    Σ_p w_p tr Σ_p``, ``grad_sq_norm = Σ_p w_p |G_p|²``; tensors without a weight left out."""
+    return noise_stats({n: g.double() * math.sqrt(weights[n]) for n, g in grads.items() if n in weights})
+
+
+def adam_weights(optimizer: "torch.optim.Optimizer", names: Mapping[Tensor, str]) -> Dict[str, float]:
+    """``w_p = mean_j 1/(√(v_j/(1 − β₂^t)) + ε)²`` of every tensor with Adam state, element by
+    element in float64 (the whole tensor, no subset)."""
+    out = {}
+    for group in optimizer.param_groups:
+        beta2, eps = group["betas"][1], group["eps"]
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st and "exp_avg_sq" in st:
+                v = st["exp_avg_sq"].double() / (1 - beta2 ** float(st["step"]))
+                out[names[p]] = float((1 / (v.sqrt() + eps)).pow(2).mean())
+    return out

@@ -14,7 +14,9 @@ version they do not know.
     {"type": "header", "format": "gradnoise-run", "version": 2, "source": "per_sample",
      "every": 1, "beta": 0.95, "params": ["fc.weight", ...],
      "layers": {"fc": {"type": "Linear", "params": ["fc.weight", "fc.bias"]}, ...},
-     "created": "2026-…Z"}
+     "optimizer": {"class": "AdamW", "family": "adam", "groups": 1, "lr": 0.001,
+                   "betas": [0.9, 0.999], "eps": 1e-08, "weight_decay": 0.01},
+     "world_size": 1, "created": "2026-…Z"}
     {"type": "step", "step": 12, "source": "per_sample", "skipped": false, "flag": null,
      "loss_scale": null, "batch_size": 128, "n_groups": 128,
      "raw":      {"trace_cov": …, "grad_sq_norm": …, "b_simple": …, "flag": null},
@@ -22,7 +24,20 @@ version they do not know.
                   "trace_cov_interval": [lo, hi], "grad_sq_norm_interval": [lo, hi]},
      "b_simple_interval": [low, high],
      "by_param": {"fc.weight": {"raw": {…}, "smoothed": {…}}, …},
-     "by_layer": {"fc": {"smoothed": {…}, "b_simple_interval": [low, high]}, …}}
+     "by_layer": {"fc": {"smoothed": {…}, "b_simple_interval": [low, high]}, …},
+     "loss": 2.31, "lr": 0.001, "passes": 1, "tokens_per_sample": 128,
+     "preconditioned": {"smoothed": {…}, "b_simple_interval": [low, high]}}
+
+``optimizer`` (``null`` when the monitor was not given one) has the class, its
+``family`` — ``"adam"`` (a second-moment preconditioner), ``"sgd"`` or ``"other"`` — and
+the first group's hyper-parameters it has. ``world_size`` counts data-parallel ranks. In
+a step line ``loss`` is the training loss the loop gave (``null`` when not given), ``lr``
+the first group's learning rate, ``passes`` the forward passes of this process in the
+step (micro-batches), ``tokens_per_sample`` the positions per sample when the model's
+first input is token ids, and ``preconditioned`` the smoothed noise of an Adam-type
+optimizer's update direction (:mod:`gradnoise.monitor.precond`; ``null`` before the
+optimizer has state or for other optimizers). Files written before these fields existed
+lack them and are read as if they were ``null``.
 
 Parameter and layer names are those of the user's model: a ``DistributedDataParallel``
 or Lightning wrapper adds no prefix. A layer is the module that owns the parameters
@@ -164,12 +179,12 @@ def interval(v: Any) -> Tuple[float, float]:
 
 
 # ---------------------------------------------------------------- headers
-def run_header(source: str, every: int, beta: float, params, layers: Optional[Dict[str, Dict[str, Any]]] = None
-               ) -> Dict[str, Any]:
+def run_header(source: str, every: int, beta: float, params, layers: Optional[Dict[str, Dict[str, Any]]] = None,
+               optimizer: Optional[Dict[str, Any]] = None, world_size: int = 1) -> Dict[str, Any]:
     """The ``header`` line of a run file (module docstring)."""
     return {"type": "header", "format": RUN_FORMAT, "version": RUN_VERSION, "source": source, "every": every,
-            "beta": beta, "params": list(params), "layers": dict(layers or {}),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "beta": beta, "params": list(params), "layers": dict(layers or {}), "optimizer": optimizer,
+            "world_size": world_size, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def study_header(study: str, task: str, seed: int, size: str, config: Dict[str, Any]) -> Dict[str, Any]:

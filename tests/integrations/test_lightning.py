@@ -150,8 +150,15 @@ def test_microbatch_with_accumulation_matches_two_group_oracle():
     trainer(callbacks=[cb], max_steps=3, accumulate_grad_batches=2).fit(m, data())
 
     assert [r.step for r in sink.records] == [0, 1, 2]
+    assert sink.header["optimizer"]["class"] == "SGD" and sink.header["optimizer"]["lr"] == 0.1
     for step, rec in enumerate(sink.records):
-        assert rec.raw.n_groups == 2 and rec.raw.batch_size == 2 * BATCH
+        assert rec.raw.n_groups == 2 and rec.raw.batch_size == 2 * BATCH and rec.passes == 2
+        # the step's loss: the mean of its micro-batch losses, read from on_before_backward
+        losses = []
+        for weights, x, y in m.seen[2 * step : 2 * step + 2]:
+            m.net.load_state_dict(weights)
+            losses.append(float(mse(m.net(x), y)))
+        assert rec.loss == pytest.approx(sum(losses) / 2, rel=1e-6) and rec.lr == 0.1
         want = oracle(m, m.seen[2 * step : 2 * step + 2], [BATCH, BATCH])
         assert_matches(rec.raw, want.total)
         for name, s in want.by_param.items():

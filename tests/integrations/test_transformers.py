@@ -234,6 +234,9 @@ def test_gradient_accumulation_is_exact(hf, tmp_path, source, every):
     for rec in sink.records:
         groups = [2, 2] if source == "microbatch" else None
         assert rec.raw.batch_size == 4 and rec.raw.n_groups == (2 if groups else 4)
+        assert rec.passes == 2 and rec.tokens_per_sample == T and rec.lr is not None
+        logged_loss = next(e["loss"] for e in tr.state.log_history if e.get("step") == rec.step + 1 and "loss" in e)
+        assert rec.loss == pytest.approx(logged_loss, rel=1e-3)  # the Trainer's own (rounded in its log)
         assert_matches(rec.raw, oracle(model, steps[rec.step], groups).total)
 
 

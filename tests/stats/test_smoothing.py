@@ -302,3 +302,14 @@ def test_per_step_stats_match_the_simulation_formula():
             tc = (sq[r, s].sum() - B * mean_sq[r, s]) / (B - 1)
             assert st.trace_cov == pytest.approx(tc, rel=1e-10)
             assert st.grad_sq_norm == pytest.approx(mean_sq[r, s] - tc / B, rel=1e-9, abs=1e-12)
+
+
+def test_beta_zero_has_no_spread_to_give_an_interval():
+    """``beta = 0`` keeps the last step alone: its means are that step's, and no interval
+    can be given (the spread of the steps is not in the average)."""
+    st = smoothing.init()
+    for t, s in ((3.0, 1.0), (5.0, 2.0), (4.0, 1.5)):
+        st = smoothing.update(st, t, s, 0.0)
+    assert smoothing.means(st, 0.0) == (4.0, 1.5)
+    assert all(math.isnan(v) for v in smoothing.ratio_interval(st, 0.0))
+    assert all(math.isnan(v) for iv in smoothing.mean_interval(st, 0.0) for v in iv)

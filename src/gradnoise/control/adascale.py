@@ -31,21 +31,12 @@ Undefined estimates (documented choice, tested):
 step).
 
 ``mode="adam-sqrt"`` (an approximation, labelled as such): the gain of the
-preconditioned gradient ``P g`` with Adam's ``P = diag(1/(√v̂ + ε))``, ``v̂`` the
-bias-corrected ``exp_avg_sq`` (``max_exp_avg_sq`` with amsgrad) of the optimizer's
-state, and the learning rate scaled by ``√r`` (AdaptDL's rule for Adam); τ still grows by
-``r``. ``tr(PΣP) = Σ_j P_j² Σ_jj`` needs per-coordinate variances the monitor does not
-keep, so each parameter tensor ``p`` gets one weight ``w_p = mean_j P_j²``::
-
-    tr(PΣP) ≈ Σ_p w_p tr Σ_p        |PG|² ≈ Σ_p w_p |G_p|²
-
-exact when ``P`` is constant over each tensor, and the expectation when ``P_j²`` is
-uncorrelated with ``Σ_jj`` and ``G_j²`` within a tensor (``mean(P)²`` would be biased
-low by ``Var(P)``); a tensor of more than ``SAMPLE`` = 1024 elements is read at a fixed
-random subset of 1024 coordinates (relative error ≈ CV(P²)/32, well inside the
-approximation itself), so the cost stays a few µs per tensor. ``v̂`` is read when a new monitor record is first used (before this
-step's update, so one step behind; with ``every=k`` up to ``k`` steps); until the
-optimizer has state (first step), the raw-gradient gain is used.
+preconditioned gradient ``P g`` with Adam's ``P = diag(1/(√v̂ + ε))``, each tensor's
+``tr Σ_p`` and ``|G_p|²`` weighted by ``w_p = mean_j P_j²``
+(:mod:`gradnoise.monitor.precond`), and the learning rate scaled by ``√r`` (AdaptDL's rule
+for Adam); τ still grows by ``r``. ``v̂`` is read when a new monitor record is first used
+(before this step's update, so one step behind; with ``every=k`` up to ``k`` steps); until
+the optimizer has state (first step), the raw-gradient gain is used.
 """
 from __future__ import annotations
 
@@ -57,9 +48,9 @@ from torch import nn
 
 from ..errors import GradNoiseError
 from ..monitor import names as _names
+from ..monitor.precond import Preconditioner
 
 MODES = ("sgd", "adam-sqrt")
-SAMPLE = 1024  # coordinates of a tensor's Adam state that its preconditioner weight reads
 BatchSize = Union[None, int, float, Callable[[], float]]
 Sums = Tuple[float, float]
 _NAN2 = (math.nan, math.nan)
@@ -175,7 +166,7 @@ class AdaScale:
         self._valid: List[float] = []      # last valid gain per group
         self._valid_model = 1.0
         self._cache_rec, self._cache = None, None
-        self._subsets: Dict[nn.Parameter, torch.Tensor] = {}
+        self._precond = Preconditioner(optimizer, self._name_of)
         self._weights: Optional[Dict[nn.Parameter, float]] = None
         self._weights_age = 0
         self._sync_groups()
@@ -282,7 +273,7 @@ class AdaScale:
         steps, 1,000 at the default β₂; reading it costs ~15 µs per tensor) and while
         there is none yet."""
         if self._weights is None or self._weights_age >= self.precond_every:
-            self._weights, self._weights_age = self._preconditioner() or None, 0
+            self._weights, self._weights_age = self._precond.weights() or None, 0
         self._weights_age += 1
         return self._weights
 
@@ -303,41 +294,6 @@ class AdaScale:
             if k:
                 T, G, n = T + t, G + g, n + 1
         return groups, ((T, G) if n else _NAN2)
-
-    def _preconditioner(self) -> Dict[nn.Parameter, float]:
-        """Parameter -> ``mean_j P_j²``, ``P = 1/(√(v/(1 − β₂^step)) + ε)``, for the
-        parameters with Adam state; over a fixed random subset of ``SAMPLE``
-        coordinates of a larger tensor. Tensors sharing ``(β₂^step, ε)``, device and
-        dtype are done together: one flat tensor, five in-place ops, one transfer."""
-        batches: Dict[tuple, List[Tuple[nn.Parameter, torch.Tensor]]] = {}
-        for group in self.optimizer.param_groups:
-            beta2, eps, ams = float(group["betas"][1]), float(group["eps"]), group.get("amsgrad", False)
-            for p in group["params"]:
-                st = self.optimizer.state.get(p)
-                if not st or "exp_avg_sq" not in st or p not in self._name_of:
-                    continue
-                v = (st["max_exp_avg_sq"] if ams and "max_exp_avg_sq" in st else st["exp_avg_sq"]).reshape(-1)
-                if v.numel() > SAMPLE:
-                    v = v.index_select(0, self._subset(p, v))
-                key = (1.0 / (1.0 - beta2 ** float(st["step"])), eps, v.device, v.dtype)
-                batches.setdefault(key, []).append((p, v))
-        out: Dict[nn.Parameter, float] = {}
-        for (inv_bc2, eps, _, _), items in batches.items():
-            sizes = [v.numel() for _, v in items]
-            with torch.no_grad():  # on a copy (cat), never on the optimizer's state
-                q = torch.cat([v for _, v in items]).mul_(inv_bc2).sqrt_().add_(eps).reciprocal_().square_()
-                sums = torch.stack([c.sum() for c in q.split(sizes)]).tolist()
-            out.update((p, total / n) for (p, _), total, n in zip(items, sums, sizes))
-        return out
-
-    def _subset(self, p: nn.Parameter, v: torch.Tensor) -> torch.Tensor:
-        """``SAMPLE`` coordinates of ``p`` drawn once (seeded: the same in every run)."""
-        idx = self._subsets.get(p)
-        if idx is None or idx.device != v.device:
-            gen = torch.Generator().manual_seed(len(self._subsets))
-            idx = torch.randperm(v.numel(), generator=gen)[:SAMPLE].to(v.device)
-            self._subsets[p] = idx
-        return idx
 
     # ---- checkpoints ---------------------------------------------------------------
     def state_dict(self) -> dict:

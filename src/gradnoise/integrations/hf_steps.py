@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -28,10 +28,23 @@ class StepCalls:
         scales: call index -> ``s_j``, the gradient the backward pass sent into the loss
             the call returned, for calls whose loss is a plain mean over the micro-batch
             (read from its autograd node); the Trainer's backward loss is ``s_j·loss_j``.
+        losses: the loss each call returned (detached; calls without one are left out)
+            and whether it was given ``num_items_in_batch`` (then it is the call's summed
+            loss over the step's item count, and the step's loss is their sum).
     """
 
     sizes: List[Optional[int]] = field(default_factory=list)
     scales: Dict[int, torch.Tensor] = field(default_factory=dict)
+    losses: List[Tuple[torch.Tensor, bool]] = field(default_factory=list)
+
+    def loss(self) -> Optional[torch.Tensor]:
+        """The step's loss as the Trainer forms it (a 0-d tensor, not read here): the sum
+        of losses normalised by ``num_items_in_batch``, the mean of plain mean losses;
+        None when no call returned one."""
+        if not self.losses:
+            return None
+        k = len(self.losses)
+        return torch.stack([v.float() if by_items else v.float() / k for v, by_items in self.losses]).sum()
 
     def mean_loss_scales(self) -> Optional[List[float]]:
         """``[s_j]`` when every call returned a plain mean loss that reached the backward
@@ -60,6 +73,8 @@ class ForwardLog:
         loss = output.get("loss") if isinstance(output, Mapping) else None
         if not (torch.is_grad_enabled() and isinstance(loss, torch.Tensor) and loss.requires_grad):
             return
+        if loss.numel() == 1:
+            self.calls.losses.append((loss.detach().reshape(()), kwargs.get("num_items_in_batch") is not None))
         if loss_reduction(loss) == "mean":
             calls, j = self.calls, len(self.calls.sizes) - 1
 

@@ -135,6 +135,7 @@ class NoiseMonitorHooks:
         self._hook = None
         self._sizes: List[Optional[int]] = []  # samples of each training batch of this step
         self._forwards = 0  # grad-enabled forward calls of the watched module this step
+        self._losses: List[torch.Tensor] = []  # this step's (accumulation-scaled) losses
         self._warned = False
 
     @property
@@ -158,13 +159,14 @@ class NoiseMonitorHooks:
             beta=self.beta,
             reduction=self.reduction,
             scaler=_scaler(trainer),
+            optimizer=trainer.optimizers[0] if trainer.optimizers else None,
         )
         self._open = True
         if self._pending is not None:
             self.monitor.load_state_dict(self._pending)
             self._pending = None
         self._hook = target.register_forward_pre_hook(self._count_forward)
-        self._sizes, self._forwards = [], 0
+        self._sizes, self._forwards, self._losses = [], 0, []
 
     def _target(self, trainer, pl_module) -> nn.Module:
         """The module the monitor watches: the DDP model under DDP, otherwise the
@@ -218,10 +220,17 @@ class NoiseMonitorHooks:
         if self._open and self.source != "per_sample":
             self._sizes.append(self.batch_size(batch) if self.batch_size else _first_dim(batch))
 
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        """Lightning's loss here is already divided by ``accumulate_grad_batches``: the
+        step's losses add up to their mean."""
+        if self._open and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._losses.append(loss.detach().reshape(()).float())
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         monitor = self.monitor
         if monitor is None or not self._open:
             return
+        losses, self._losses = self._losses, []
         measured = monitor.step_index % monitor.every == 0
         sizes, forwards = self._sizes, self._forwards
         self._sizes, self._forwards = [], 0
@@ -236,7 +245,7 @@ class NoiseMonitorHooks:
         if self.source != "per_sample" and sizes and None not in sizes:
             samples = sizes if self.source == "microbatch" else sum(sizes)
         with _scale_restored(monitor.scaler, optimizer):
-            rec = monitor.step(samples)
+            rec = monitor.step(samples, loss=torch.stack(losses).sum() if losses else None)
         if rec is None:
             if measured and not self._warned:
                 self._warned = True

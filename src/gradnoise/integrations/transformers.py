@@ -249,7 +249,7 @@ class NoiseMonitorHooks:
         self.close()
         check_setup(args, model, self.source)
         self.monitor = NoiseMonitor(model, source=self.source, sinks=self.sinks, every=self.every,
-                                    beta=self.beta, reduction=self.reduction)
+                                    beta=self.beta, reduction=self.reduction, optimizer=kwargs.get("optimizer"))
         self._open = True
         try:
             self._resume(state)
@@ -315,7 +315,7 @@ class NoiseMonitorHooks:
         if self._measured_next():
             self._check_step(seen)
         with self._norms.restored() if self._norms is not None else contextlib.nullcontext():
-            rec = self.monitor.step()
+            rec = self.monitor.step(loss=seen.loss())
         if self._norms is not None:
             self._norms.live = self._measured_next()
         return rec

@@ -41,6 +41,16 @@ class StepRecord:
         trace_cov_interval, grad_sq_norm_interval: 95 % intervals of the smoothed
             ``tr(Σ)`` and ``|G|²`` (clipped at 0; NaN below two steps).
         by_layer: layer path -> :class:`LayerNoise` (:mod:`gradnoise.monitor.names`).
+        loss: the step's training loss, where the loop gave it (``monitor.step(loss=)``)
+            or an integration read it.
+        lr: the optimizer's first group's learning rate at this step (with ``optimizer=``).
+        passes: forward passes of the watched model in this step on this process
+            (gradient accumulation: micro-batches).
+        tokens_per_sample: positions per sample where the model's first input is a
+            ``[B, T, …]`` tensor of token ids (integers); None otherwise.
+        preconditioned: for an Adam-type optimizer with state, the smoothed statistics of
+            its update direction (:mod:`gradnoise.monitor.precond`) and the 95 % interval
+            of their ``b_simple``; None otherwise.
     """
 
     step: int
@@ -54,6 +64,11 @@ class StepRecord:
     trace_cov_interval: Tuple[float, float] = NAN2
     grad_sq_norm_interval: Tuple[float, float] = NAN2
     by_layer: Mapping[str, LayerNoise] = field(default_factory=dict, repr=False, compare=False)
+    loss: Optional[float] = None
+    lr: Optional[float] = None
+    passes: Optional[int] = None
+    tokens_per_sample: Optional[float] = None
+    preconditioned: Optional[LayerNoise] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """The ``step`` line of the run file (:mod:`gradnoise.formats`)."""
@@ -74,10 +89,12 @@ class StepRecord:
                 name: {"raw": _stats_dict(s, with_flag=True), "smoothed": _stats_dict(self.smoothed.by_param.get(name))}
                 for name, s in self.raw.by_param.items()
             },
-            "by_layer": {
-                name: {"smoothed": _stats_dict(layer.smoothed), "b_simple_interval": json_safe(list(layer.b_simple_interval))}
-                for name, layer in self.by_layer.items()
-            },
+            "by_layer": {name: _noise_dict(layer) for name, layer in self.by_layer.items()},
+            "loss": num(self.loss),
+            "lr": self.lr,
+            "passes": self.passes,
+            "tokens_per_sample": self.tokens_per_sample,
+            "preconditioned": _noise_dict(self.preconditioned) if self.preconditioned is not None else None,
         }
 
     def metrics(self, per_param: bool = True) -> Dict[str, float]:
@@ -92,6 +109,8 @@ class StepRecord:
         _put(out, "noise/b_simple_low", self.b_simple_interval[0])
         _put(out, "noise/b_simple_high", self.b_simple_interval[1])
         out["noise/batch_size"] = float(self.raw.batch_size)
+        if self.preconditioned is not None:
+            _put(out, "noise/preconditioned/b_simple", self.preconditioned.smoothed.b_simple)
         if per_param:
             for name, s in self.smoothed.by_param.items():
                 for key in ("trace_cov", "grad_sq_norm", "b_simple"):
@@ -102,6 +121,10 @@ class StepRecord:
 def _put(out: Dict[str, float], key: str, v: float) -> None:
     if v is not None and math.isfinite(v):
         out[key] = float(v)
+
+
+def _noise_dict(layer: LayerNoise) -> Dict[str, Any]:
+    return {"smoothed": _stats_dict(layer.smoothed), "b_simple_interval": json_safe(list(layer.b_simple_interval))}
 
 
 def _stats_dict(s: Optional[NoiseStats], with_flag: bool = False) -> Dict[str, Any]:

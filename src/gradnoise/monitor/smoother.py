@@ -1,6 +1,7 @@
 """Smoothing a run's per-step statistics: one debiased EMA of ``tr(Σ)`` and ``|G|²`` for
-the whole model, one for each parameter and one for each layer (its parameters' sums;
-:mod:`gradnoise.stats.smoothing`)."""
+the whole model, one for each parameter, one for each layer (its parameters' sums) and,
+for an Adam-type optimizer, one of the preconditioned sums ``Σ_p w_p tr Σ_p`` and
+``Σ_p w_p |G_p|²`` (:mod:`gradnoise.monitor.precond`; :mod:`gradnoise.stats.smoothing`)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ from dataclasses import replace
 from typing import Dict, Mapping, Optional, Tuple
 
 from ..stats import NoiseStats, from_estimates, smoothing
+from .precond import weighted
 from .record import LayerNoise
 
 Interval = Tuple[float, float]
@@ -33,10 +35,16 @@ class NoiseSmoother:
         self.total = smoothing.init()
         self.by_param: Dict[str, smoothing.EmaState] = {}
         self.by_layer: Dict[str, smoothing.EmaState] = {}
+        self.precond = smoothing.init()
 
-    def update(self, raw: NoiseStats) -> None:
-        """Fold one step's ``raw`` statistics (with ``by_param``) in."""
+    def update(self, raw: NoiseStats, weights: Optional[Mapping[str, float]] = None) -> None:
+        """Fold one step's ``raw`` statistics (with ``by_param``) in; ``weights``
+        (name -> Adam's ``w_p``, when the optimizer has state) feed the preconditioned EMA."""
         self.total = smoothing.update(self.total, raw.trace_cov, raw.grad_sq_norm, self.beta)
+        if weights:
+            t, g = weighted(raw.by_param, weights)
+            if math.isfinite(t) and math.isfinite(g):
+                self.precond = smoothing.update(self.precond, t, g, self.beta)
         sums: Dict[str, Tuple[float, float]] = {}
         for name, s in raw.by_param.items():
             self.by_param[name] = smoothing.update(self.by_param.get(name, smoothing.init()), s.trace_cov,
@@ -54,6 +62,13 @@ class NoiseSmoother:
         whole = self._stats(self.total, batch_size, n_groups)
         parts = {name: self._stats(state, batch_size, n_groups) for name, state in self.by_param.items()}
         return replace(whole, by_param=parts), _ratio_interval(self.total, self.beta)
+
+    def preconditioned(self, batch_size: int, n_groups: int) -> Optional[Tuple[NoiseStats, Interval]]:
+        """The smoothed preconditioned statistics and their ``b_simple`` interval; None
+        before any step had weights."""
+        if not self.precond.count:
+            return None
+        return self._stats(self.precond, batch_size, n_groups), _ratio_interval(self.precond, self.beta)
 
     def intervals(self) -> Tuple[Interval, Interval]:
         """95 % intervals of the smoothed total ``tr(Σ)`` and ``|G|²``."""
@@ -74,6 +89,7 @@ class NoiseSmoother:
             "total": tuple(self.total),
             "by_param": {k: tuple(v) for k, v in self.by_param.items()},
             "by_layer": {k: tuple(v) for k, v in self.by_layer.items()},
+            "precond": tuple(self.precond),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -83,6 +99,7 @@ class NoiseSmoother:
         self.total = smoothing.EmaState(*state["total"])
         self.by_param = {k: smoothing.EmaState(*v) for k, v in state["by_param"].items()}
         self.by_layer = {k: smoothing.EmaState(*v) for k, v in state.get("by_layer", {}).items()}
+        self.precond = smoothing.EmaState(*state.get("precond", ()))
 
 
 def _ratio_interval(state: smoothing.EmaState, beta: float) -> Interval:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -61,11 +61,14 @@ def forward_pre_hook(model: nn.Module, owner, method: str, with_kwargs: bool = F
 
 
 class SampleCounter:
-    """Counts samples per forward pass of ``model`` from its first tensor input's dim 0."""
+    """Counts samples per forward pass of ``model`` from its first tensor input's dim 0,
+    and its positions per sample where that input is token ids (an integer tensor
+    ``[B, T, …]``: ``T·…``; None otherwise)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.sizes: List[int] = []
+        self.tokens: List[Optional[int]] = []
         self.live = False
         self._handle = forward_pre_hook(model, self, "_pre", with_kwargs=True)
 
@@ -74,12 +77,23 @@ class SampleCounter:
             return
         for a in (*args, *kwargs.values()):
             if isinstance(a, torch.Tensor) and a.dim() > 0:
+                ids = a.dim() >= 2 and not (a.is_floating_point() or a.is_complex() or a.dtype == torch.bool)
                 self.sizes.append(int(a.shape[0]))
+                self.tokens.append(a[0].numel() if ids else None)
                 return
 
     def take(self) -> List[int]:
-        sizes, self.sizes = self.sizes, []
+        sizes, self.sizes, self.tokens = self.sizes, [], []
         return sizes
+
+    def shape(self) -> Tuple[int, Optional[float]]:
+        """``(passes, tokens per sample)`` counted since the last :meth:`take`, then
+        cleared; tokens per sample is None unless every pass had token ids."""
+        sizes, tokens = self.sizes, self.tokens
+        self.take()
+        if not sizes or None in tokens:
+            return len(sizes), None
+        return len(sizes), sum(t * b for t, b in zip(tokens, sizes)) / sum(sizes)
 
     def close(self) -> None:
         self._handle.remove()

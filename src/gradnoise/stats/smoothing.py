@@ -87,8 +87,10 @@ def sum_sq_weights(count: int, beta: float) -> float:
 
 
 def covariance(state: EmaState, beta: float) -> Tuple[float, float, float]:
-    """``(v_T, v_S, c)``: variances and covariance of ``T̄`` and ``S̄`` (NaN below 2 steps)."""
-    if state.count < 2:
+    """``(v_T, v_S, c)``: variances and covariance of ``T̄`` and ``S̄`` (NaN below 2 steps,
+    and with ``beta = 0``, where the average is the last step alone and the steps' spread
+    cannot be told from it)."""
+    if state.count < 2 or beta == 0.0:
         return math.nan, math.nan, math.nan
     d = _debias(state, beta)
     mt, ms = state.t / d, state.s / d  # shifted means: the shift leaves (co)variances alone
