@@ -2,6 +2,16 @@
 says what to do instead."""
 
 
+# What to do about a layer that mixes samples (BatchNorm in training mode, …): a recipe
+# that works, quoted by every such error.
+MICROBATCH_RECIPE = (
+    "measure with the micro-batch source instead: gradnoise.NoiseMonitor(model, source='microbatch') "
+    "with each optimizer step split into k ≥ 2 micro-batches (gradient accumulation: one forward and "
+    "backward() per micro-batch, each mean loss times b_j/B), or source='ddp' across ranks. BatchNorm "
+    "then normalises each micro-batch with its own b_j samples' statistics, as any accumulation does"
+)
+
+
 class GradNoiseError(RuntimeError):
     """Base class of gradnoise's errors."""
 

@@ -309,15 +309,36 @@ def test_per_sample_with_batchnorm_raises_sample_mixing():
     assert modes_active() == 0
 
 
-def test_microbatch_warns_on_single_backward():
-    model = mlp(8)
+def test_microbatch_with_one_backward_per_step_is_refused_first_then_flagged():
+    """BatchNorm users told to use the micro-batch source: one backward() per step gives one
+    group, so the first such step is an error with the recipe, not 100 steps of NaN; a
+    later one (a short last accumulation) is flagged single_group and skipped, with one
+    warning."""
+    model = mlp(8, batchnorm=True)
     x, y = batch(6, 8)
     mon = gradnoise.NoiseMonitor(model, source="microbatch")
     F.cross_entropy(model(x), y).backward()
-    with pytest.warns(RuntimeWarning, match="at least two backward"):
-        rec = mon.step()
-    assert rec is None or rec.raw.flag == gradnoise.stats.FLAG_SINGLE_GROUP
+    with pytest.raises(gradnoise.errors.GradNoiseError, match=r"single_group.*k ≥ 2 micro-batches"):
+        mon.step()
     mon.close()
+    mon = gradnoise.NoiseMonitor(model, source="microbatch")
+    for part in (slice(0, 3), slice(3, 6)):
+        (F.cross_entropy(model(x[part]), y[part]) / 2).backward()
+    assert mon.step().raw.n_groups == 2
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="single_group"):
+        rec = mon.step()
+    assert rec.raw.flag == gradnoise.stats.FLAG_SINGLE_GROUP and rec.skipped
+    mon.close()
+
+
+def test_batchnorm_error_gives_a_recipe_that_works():
+    model = mlp(7, batchnorm=True)
+    x, y = batch(8, 7)
+    with pytest.raises(SampleMixingError, match=r"source='microbatch'.*k ≥ 2 micro-batches.*b_j/B"):
+        with gradnoise.capture(model):
+            F.cross_entropy(model(x), y).backward()
 
 
 def test_microbatch_counts_only_the_steps_passes():

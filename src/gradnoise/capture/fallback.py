@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import FallbackError, SampleMixingError
+from ..errors import MICROBATCH_RECIPE, FallbackError, SampleMixingError
 
 
 def per_sample_grads(module: nn.Module, args: tuple, kwargs: dict, output: Any, grad_output: Any) -> Dict[str, torch.Tensor]:
@@ -107,8 +107,7 @@ def _check_reproduced(module, real: List[torch.Tensor], redone: List[torch.Tenso
                 f"{type(module).__name__} gives a different output for a sample alone than "
                 "inside the batch: it mixes samples or draws random numbers (dropout in "
                 "training mode), so its per-sample gradients cannot be computed. Use it "
-                "in eval mode, or the micro-batch source "
-                "(gradnoise.NoiseMonitor(model, source='microbatch'))."
+                f"in eval mode, or {MICROBATCH_RECIPE}."
             )
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import FallbackError, SampleMixingError
+from ..errors import MICROBATCH_RECIPE, FallbackError, SampleMixingError
 from . import fallback
 from .direct import Tap
 from .forms import Dense, Factored, Lookup
@@ -81,8 +81,7 @@ def _refuse_batch_stats(name: str, module: nn.Module, args) -> None:
             f"module '{name or '<model>'}' ({type(module).__name__}) normalises with the "
             "statistics of the whole batch, so each sample's loss depends on the other "
             "samples and per-sample gradients do not exist. Put it in eval mode, replace "
-            "it with GroupNorm/LayerNorm, or measure with the micro-batch source "
-            "(gradnoise.NoiseMonitor(model, source='microbatch'))."
+            f"it with GroupNorm/LayerNorm, or {MICROBATCH_RECIPE}."
         )
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from ..errors import SampleMixingError
+from ..errors import MICROBATCH_RECIPE, SampleMixingError
 from .args import bind
 from .forms import Dense, Form
 from .layout import Layout, to_samples
@@ -141,8 +141,7 @@ def handle_batch_norm(cap, func, args, kwargs):
         raise SampleMixingError(
             "batch_norm in training mode normalises with the statistics of the whole "
             "batch, so per-sample gradients do not exist. Use eval mode, GroupNorm/"
-            "LayerNorm, or the micro-batch source (gradnoise.NoiseMonitor(model, "
-            "source='microbatch'))."
+            f"LayerNorm, or {MICROBATCH_RECIPE}."
         )
     if cap.ref(x) is not None:
         return cap.direct(func, args, kwargs)

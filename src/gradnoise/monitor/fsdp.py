@@ -222,11 +222,12 @@ class FsdpMicrobatchSource(MicrobatchSource):
     """Groups are the backward passes of all ranks, read by gradient hooks on FSDP2's
     unsharded parameters (kept for the monitor's life, acting only on measured steps)."""
 
+    min_passes = 1  # one pass per rank is k = R ≥ 2 groups already
+
     def __init__(self, model: nn.Module, reduction: str, sh: Sharding):
         super().__init__(model, reduction)
         self.sh = sh
         self._live = False
-        self._warned = True  # one pass per rank is k = R ≥ 2 groups already
         self._u_handles: List = []
         self._u_handles += sh.watch(self._watch)
 

@@ -193,6 +193,7 @@ class MicrobatchSource:
     """Group-mean gradients of each backward pass, through parameter hooks."""
 
     name = "microbatch"
+    min_passes = 2  # groups a step needs on this process
 
     def __init__(self, model: nn.Module, reduction: str):
         self.reduction = reduction
@@ -202,6 +203,7 @@ class MicrobatchSource:
         self._passes: List[Dict[str, torch.Tensor]] = []
         self._before: Dict[str, Optional[torch.Tensor]] = {}
         self._warned = False
+        self._measured = 0  # measured steps that reached end()
 
     def begin(self) -> None:
         self._passes, self._before = [], {}
@@ -241,14 +243,9 @@ class MicrobatchSource:
                 "watches, so watch the module whose forward runs (or pass samples= to match "
                 "the backward calls)"
             )
-        if len(passes) < 2 and not self._warned:
-            self._warned = True
-            warnings.warn(
-                "gradnoise: the microbatch source needs at least two backward() calls per "
-                "optimizer step (gradient accumulation); this step had one",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        self._measured += 1
+        if len(passes) < self.min_passes:
+            self._single(len(passes))
         B = sum(sizes)
         names = [n for n, p in self.params.items() if p.grad is not None]
         if not names:
@@ -262,6 +259,22 @@ class MicrobatchSource:
         # pass gradient = (b/B)·group mean ("mean") or b·group mean ("sum")
         group_sq = per_pass * (B / b) ** 2 if self.reduction == "mean" else per_pass / b**2
         return self._moments(names, group_sq, b)
+
+    def _single(self, k: int) -> None:
+        """A step with one backward pass has one group: ``tr(Σ)`` is undefined
+        (``single_group``). On the first measured step that is a set-up mistake, refused
+        with the recipe; later (a short last accumulation, say) the step is flagged and
+        skipped, with one warning."""
+        what = (f"the microbatch source needs at least two backward() calls per optimizer step "
+                f"(gradient accumulation); this step had {k}, one group, so tr(Σ) is undefined (single_group)")
+        if self._measured == 1:
+            raise GradNoiseError(f"{what}: split each step's batch into k ≥ 2 micro-batches, one forward and "
+                                 "backward() each with its mean loss times b_j/B, then call monitor.step() once; "
+                                 "or use source='ddp' across ranks, or source='per_sample' without BatchNorm")
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"gradnoise: {what}; such steps are flagged single_group and skipped",
+                          RuntimeWarning, stacklevel=4)
 
     def _moments(self, names: List[str], group_sq: torch.Tensor, b: torch.Tensor) -> Moments:
         """The step's moments from ``[k, P]`` squared group-mean norms and ``[k, 1]`` sizes."""
