@@ -227,3 +227,64 @@ def test_options_reach_every_study_with_a_field_of_that_name():
     assert cfg["escape"].solution_lr == 0.4 and cfg["optimizers"].sgd_lr == 0.1  # other fields: untouched
     assert cfg["lr-batch"].batch_sizes == cfg["critical-batch"].batch_sizes == [8, 64]
     assert cfg["recommend"] is None
+
+
+# ------------------------------------------------------------------------- issue 19
+SMALL_TASK = (
+    "import torch\n"
+    "def task():\n"
+    "    x = torch.randn(64, 4); y = (x[:, 0] > 0).long()\n"
+    "    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))\n"
+    "    return m, (x, y), torch.nn.functional.cross_entropy\n"
+)
+
+
+def test_the_readme_task_skips_the_studies_it_cannot_carry_and_exits_0(tmp_path, capsys):
+    """examples/my_task.py (two classes, 569 samples) exited 2: online's five phases and
+    federated's Dirichlet(0.1) split over ten clients cannot run on it. They are skipped
+    with a note, before they run."""
+    from gradnoise.cli import main
+
+    rc = main(["study", "online", "federated", "--task", f"{ROOT / 'examples' / 'my_task.py'}:task",
+               "--out", str(tmp_path / "o")])
+    printed, err = capsys.readouterr()
+    assert rc == 0 and err == ""
+    notes = [s for s in printed.splitlines() if "skipped:" in s]
+    assert len(notes) == 2 and "federated on my_task" in notes[0] and "online on my_task" in notes[1]
+    assert not (tmp_path / "o" / "failed").exists()  # nothing ran
+
+
+def test_ctrl_c_rebuilds_the_page_from_the_studies_that_finished(tmp_path, capsys, monkeypatch):
+    """Ctrl-C used to leave the page of the run before (or none): now the page is rebuilt
+    from the files present, the interrupted study listed as missing; exit 130."""
+    import dataclasses
+
+    from gradnoise.cli import main
+    from gradnoise.studies import registry
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    escape = dataclasses.replace(registry.BY_NAME["escape"], run=interrupted)
+    monkeypatch.setattr(registry, "STUDIES", tuple(escape if s.name == "escape" else s for s in registry.STUDIES))
+    monkeypatch.setitem(registry.BY_NAME, "escape", escape)
+    (tmp_path / "small.py").write_text(SMALL_TASK)
+    out = tmp_path / "o"
+    rc = main(["study", "law", "escape", "--task", f"{tmp_path / 'small.py'}:task", "--size", "tiny",
+               "--out", str(out)])
+    printed, err = capsys.readouterr()
+    assert rc == 130
+    assert "escape on small: interrupted" in err and "rebuilt from the studies that finished" in err
+    page = (out / "index.html").read_text()
+    assert "law-small.jsonl" in page and "escape on small: interrupted" in page
+    assert f"report: {out / 'index.html'}" in printed
+
+
+def test_help_and_errors_show_the_file_form_of_task(tmp_path, capsys):
+    from gradnoise.cli import _parser, main
+
+    assert "path/to/file.py:function" in _parser()._subparsers._group_actions[0].choices["study"].format_help()
+    assert main(["study", "law", "--task", "nosuch", "--out", str(tmp_path / "o")]) == 2
+    assert "path/to/file.py:function" in capsys.readouterr().err
+    assert main(["study", "law", "--task", "examples/my_task.py", "--out", str(tmp_path / "o")]) == 2
+    assert "examples/my_task.py:task" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 line and a non-zero exit (``--debug`` shows the traceback).
 
     gradnoise study [STUDY ...] [--task SPEC ...] [--seed N] [--out DIR] [--quiet] [--threads N]
+        (SPEC: digits-mlp, digits-cnn, path/to/file.py:function or package.module:function)
     gradnoise report RUN.jsonl [...] [--out DIR]
     gradnoise measure [--model mlp|cnn|transformer | --task SPEC] [--batch-size B] [--json]
     gradnoise --version
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     _debug_option(m)
     which = m.add_mutually_exclusive_group()
     which.add_argument("--model", choices=MODELS, default="mlp", help="a built-in model on the digits data")
-    which.add_argument("--task", metavar="SPEC", help="your task: package.module:function or path/file.py:function "
+    which.add_argument("--task", metavar="SPEC", help="your task: path/to/file.py:function or package.module:function "
                                                       "(the protocol of gradnoise study --task)")
     m.add_argument("--batch-size", type=_count, default=128)
     m.add_argument("--seed", type=int, default=0)
@@ -56,8 +57,8 @@ def _study_parser(sub) -> None:
                        description="Studies: " + ", ".join(NAMES) + " (default: all).")
     s.add_argument("studies", nargs="*", metavar="STUDY", help="which studies (default: all)")
     s.add_argument("--task", action="append", default=[], metavar="SPEC",
-                   help="digits-mlp, digits-cnn or package.module:function (repeatable; "
-                        "default: both digits tasks)")
+                   help="digits-mlp, digits-cnn, or your task as path/to/file.py:function or "
+                        "package.module:function (repeatable; default: both digits tasks)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     s.add_argument("--quiet", action="store_true", help="no progress bars, only the report's path")
@@ -152,9 +153,15 @@ def _failures(outcomes) -> List[str]:
     return [f"{o.study} on {o.task}: {o.error}" for o in outcomes if o.error is not None]
 
 
+def _skipped(outcomes) -> List[str]:
+    return [f"{o.study} on {o.task}: {o.skipped}" for o in outcomes if o.skipped is not None]
+
+
 def run_study(args, out=None) -> int:
     """``gradnoise study``: run, build the report, print a summary, the verdict and the
-    report's path."""
+    report's path. Studies that do not fit a task are skipped with a note (exit 0);
+    after Ctrl-C the page is rebuilt from the study files present, the interrupted
+    study listed as missing (exit 130)."""
     out = out or sys.stdout
     from .report import build_report, verdict_lines
     from .studies import registry, runner
@@ -164,15 +171,19 @@ def run_study(args, out=None) -> int:
         args.studies, args.task, args.out, seed=args.seed, size=args.size, quiet=args.quiet,
         overrides=runner.Overrides(lr=args.lr, lrs=args.lrs, batch_sizes=args.batch_sizes,
                                    target_loss=args.target_loss), run_files=args.run, keep_going=not args.debug)
+    interrupted = any(o.interrupted for o in outcomes)
     files = runner.study_files(args.out)
     failures = _failures(outcomes)
     page = build_report(files, args.out, failures=failures) if files else None
-    done = [o for o in outcomes if o.error is None]
-    if not args.quiet and done:
+    done = [o for o in outcomes if o.error is None and o.skipped is None]
+    if not args.quiet and (done or _skipped(outcomes)):
         print(f"gradnoise study (seed {args.seed}, size {args.size}):", file=out)
         for o in done:
             print(f"  {o.study:<15}{o.task:<24}{registry.get(o.study).line(o.summary)}  [{o.seconds:.0f} s]", file=out)
-        print(f"data files in {args.out}/", file=out)
+        for text in _skipped(outcomes):
+            print(f"  skipped: {text}", file=out)
+        if done:
+            print(f"data files in {args.out}/", file=out)
     if not args.quiet and files:
         for text in verdict_lines(files, failures):
             print(text, file=out)
@@ -180,6 +191,10 @@ def run_study(args, out=None) -> int:
         print(f"report: {page}" + (" (incomplete: see the errors below)" if failures else ""), file=out)
     for f in failures:
         print(f"gradnoise: error: {f}", file=sys.stderr)
+    if interrupted:
+        print("gradnoise: interrupted: " + ("the report was rebuilt from the studies that finished" if page else
+                                            "no study had finished, so there is no report"), file=sys.stderr)
+        return 130
     return 2 if failures else 0
 
 

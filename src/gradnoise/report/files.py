@@ -21,6 +21,10 @@ from ..formats import RUN_FORMAT, STUDY_FORMAT, check_header, first_object, read
 
 Lines = List[Dict[str, Any]]
 
+WRITERS = ("a gradnoise run file is written by a NoiseMonitor with a JSONL sink "
+           "(gradnoise.NoiseMonitor(model, sinks=[\"run.jsonl\"]) in your training loop), a study file by "
+           "gradnoise study")
+
 
 @dataclass(frozen=True)
 class Input:
@@ -66,6 +70,19 @@ def _run_of(path: Path, header: Dict[str, Any]) -> Tuple[Optional[Path], Optiona
     return run_path, None
 
 
+def _sniff(path: Path) -> str:
+    """:func:`sniff`, whose message, for a JSON file of another tool, also says what
+    writes the files gradnoise reads."""
+    try:
+        return sniff(path)
+    except ValueError as e:
+        first = first_object(path)
+        ours = isinstance(first, dict) and first.get("format") in (RUN_FORMAT, STUDY_FORMAT)
+        if first is None or ours:  # missing, empty or not JSON, or ours with another fault: sniff says it
+            raise
+        raise ValueError(f"{e}: not a gradnoise file; {WRITERS}") from None
+
+
 def load(path: "os.PathLike[str] | str") -> Input:
     """Read one input of the report: a study file (with its run file, for a trajectory
     study) or a monitor run file.
@@ -78,7 +95,7 @@ def load(path: "os.PathLike[str] | str") -> Input:
         ValueError: as :func:`read_study` and :func:`gradnoise.read_run`.
     """
     path = Path(path)
-    fmt = sniff(path)
+    fmt = _sniff(path)
     if fmt == RUN_FORMAT:
         header, steps = read_run(path)
         return Input(path, fmt, header, steps)

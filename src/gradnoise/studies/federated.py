@@ -96,16 +96,12 @@ class FederatedConfig:
 
 
 # ------------------------------------------------------------------------------ data
-def _check(task: Task, cfg: FederatedConfig) -> List[int]:
-    """The sorted class labels; ValueError on a task or config the study cannot use."""
+def _check_config(cfg: FederatedConfig) -> None:
+    """ValueError on options the study cannot use, whatever the task."""
     for name in ("clients", "rounds", "local_steps", "local_batch", "measure_batch", "min_client_size", "seeds"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    y = task.y
-    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-        raise ValueError(f"the federated study needs integer class labels y of shape [N]; task {task.name!r} has "
-                         f"y of dtype {y.dtype} and shape {list(y.shape)}")
     alphas = list(cfg.alphas)
     if not alphas or len(set(alphas)) != len(alphas) or \
             any(isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 for a in alphas):
@@ -119,27 +115,70 @@ def _check(task: Task, cfg: FederatedConfig) -> List[int]:
     if not 0.0 < cfg.client_fraction <= 1.0 or not 0.0 < cfg.test_fraction < 1.0:
         raise ValueError(f"client_fraction must be in (0, 1] and test_fraction in (0, 1), got "
                          f"{cfg.client_fraction}, {cfg.test_fraction}")
-    classes = sorted(int(c) for c in torch.unique(y))
-    small = [c for c in classes if int((y == c).sum()) < 2]
+
+
+def _class_counts(task: Task) -> Optional[Dict[int, int]]:
+    """Samples per class label (sorted), or None when ``y`` is not integer labels ``[N]``."""
+    y = task.y
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        return None
+    labels, counts = torch.unique(y, return_counts=True)
+    return {int(c): int(n) for c, n in zip(labels, counts)}
+
+
+def _train_counts(counts: Dict[int, int], cfg: FederatedConfig) -> List[int]:
+    """Each class's training samples: what :func:`gradnoise.studies.online.split` leaves."""
+    return [n - min(max(1, round(cfg.test_fraction * n)), n - 1) for n in counts.values()]
+
+
+def _misfit(task: Task, cfg: FederatedConfig) -> Optional[str]:
+    """Why the task's labels or sizes cannot carry the study's clients (None: they can)."""
+    counts = _class_counts(task)
+    if counts is None:
+        return (f"the federated study needs integer class labels y of shape [N]; task {task.name!r} has "
+                f"y of dtype {task.y.dtype} and shape {list(task.y.shape)}")
+    small = [c for c, n in counts.items() if n < 2]
     if small:
-        raise ValueError(f"class(es) {small} have fewer than 2 samples: none is left for the clients or the test")
-    train = task.size - sum(min(max(1, round(cfg.test_fraction * int((y == c).sum()))), int((y == c).sum()) - 1)
-                            for c in classes)
+        return f"class(es) {small} have fewer than 2 samples: none is left for the clients or the test"
+    train = sum(_train_counts(counts, cfg))
     if train < cfg.clients * cfg.min_client_size:
-        raise ValueError(f"{train} training samples cannot give {cfg.clients} clients {cfg.min_client_size} each: "
-                         "use fewer clients or a smaller min_client_size")
-    return classes
+        return f"{train} training samples cannot give {cfg.clients} clients {cfg.min_client_size} each"
+    return None
 
 
-def dirichlet_split(labels: np.ndarray, clients: int, alpha: float, rng: np.random.Generator,
-                    min_size: int) -> List[np.ndarray]:
-    """``clients`` arrays of positions into ``labels`` ``[N]`` (module docstring): IID for
-    ``alpha = inf``, else Dirichlet(α) label skew, redrawn until every client has
-    ``min_size`` samples.
+def fits(task: Task, cfg: FederatedConfig, seed: int = 0) -> Optional[str]:
+    """Why the study cannot run on ``task`` (None: it can), from the task's class sizes
+    alone and before anything runs: labels that are not classes, too few samples for the
+    clients, or a Dirichlet α at which no split of :data:`SPLIT_TRIES` gives every client
+    ``min_client_size`` samples. The splits are those :func:`run` would draw (a split's
+    client sizes depend only on the class sizes and the seed), so the study fails on
+    none when this returns None."""
+    why = _misfit(task, cfg)
+    if why is not None:
+        return why
+    train = _train_counts(_class_counts(task), cfg)
+    labels = np.repeat(np.arange(len(train)), train)
+    for r in range(cfg.seeds):
+        for alpha in cfg.alphas:
+            rng = np.random.default_rng([seed + r, _alpha_key(alpha)])
+            if _draw(labels, cfg.clients, alpha, rng, cfg.min_client_size) is None:
+                return (f"no Dirichlet(α={alpha:g}) split of its {len(labels)} training samples ({len(train)} classes) "
+                        f"gives each of {cfg.clients} clients {cfg.min_client_size} samples in {SPLIT_TRIES} draws")
+    return None
 
-    Raises:
-        ValueError: no draw in :data:`SPLIT_TRIES` met ``min_size``.
-    """
+
+def _check(task: Task, cfg: FederatedConfig) -> List[int]:
+    """The sorted class labels; ValueError on a task or config the study cannot use."""
+    _check_config(cfg)
+    why = _misfit(task, cfg)
+    if why is not None:
+        raise ValueError(why)
+    return sorted(_class_counts(task))
+
+
+def _draw(labels: np.ndarray, clients: int, alpha: float, rng: np.random.Generator,
+          min_size: int) -> Optional[List[np.ndarray]]:
+    """:func:`dirichlet_split`, or None where no draw met ``min_size``."""
     if math.isinf(alpha):
         return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), clients)]
     classes = np.unique(labels)
@@ -153,9 +192,24 @@ def dirichlet_split(labels: np.ndarray, clients: int, alpha: float, rng: np.rand
         out = [np.sort(np.concatenate(p)) for p in parts]
         if min(len(p) for p in out) >= min_size:
             return out
-    raise ValueError(f"no Dirichlet(α={alpha:g}) split of {len(labels)} samples over {clients} clients gave every "
-                     f"client {min_size} samples in {SPLIT_TRIES} draws: raise α, use fewer clients or a smaller "
-                     "min_client_size")
+    return None
+
+
+def dirichlet_split(labels: np.ndarray, clients: int, alpha: float, rng: np.random.Generator,
+                    min_size: int) -> List[np.ndarray]:
+    """``clients`` arrays of positions into ``labels`` ``[N]`` (module docstring): IID for
+    ``alpha = inf``, else Dirichlet(α) label skew, redrawn until every client has
+    ``min_size`` samples.
+
+    Raises:
+        ValueError: no draw in :data:`SPLIT_TRIES` met ``min_size``.
+    """
+    parts = _draw(labels, clients, alpha, rng, min_size)
+    if parts is None:
+        raise ValueError(f"no Dirichlet(α={alpha:g}) split of {len(labels)} samples over {clients} clients gave "
+                         f"every client {min_size} samples in {SPLIT_TRIES} draws: raise α, use fewer clients or a "
+                         "smaller min_client_size")
+    return parts
 
 
 def _alpha_key(alpha: float) -> int:

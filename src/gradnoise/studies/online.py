@@ -109,25 +109,20 @@ class OnlineConfig:
 
 
 # ------------------------------------------------------------------------------ data
-def _check(task: Task, cfg: OnlineConfig) -> List[int]:
-    """The sorted class labels; ValueError on a task or config the study cannot use."""
+def _check_config(cfg: OnlineConfig) -> None:
+    """ValueError on options the study cannot use, whatever the task."""
     for name in ("phases", "phase_samples", "minibatch", "window", "eval_every", "seeds"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ValueError(f"{name} must be an integer, got {v!r}")
-    y = task.y
-    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-        raise ValueError(f"the online study needs integer class labels y of shape [N]; task {task.name!r} has "
-                         f"y of dtype {y.dtype} and shape {list(y.shape)}")
     unknown = [m for m in cfg.methods if m not in BUILTIN]
     if not cfg.methods or len(set(cfg.methods)) != len(cfg.methods):
         raise ValueError(f"methods must be a non-empty list without repeats, got {cfg.methods}")
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BUILTIN)} "
                          f"({', '.join(method_names(cfg.minibatch))})")
-    classes = sorted(int(c) for c in torch.unique(y))
-    if not 2 <= cfg.phases <= len(classes):
-        raise ValueError(f"phases must be between 2 and the number of classes {len(classes)}, got {cfg.phases}")
+    if cfg.phases < 2:
+        raise ValueError(f"phases must be at least 2 (a drift needs two), got {cfg.phases}")
     if not 0.0 < cfg.focus <= 1.0 or not 0.0 < cfg.test_fraction < 1.0:
         raise ValueError(f"focus must be in (0, 1] and test_fraction in (0, 1), got {cfg.focus}, {cfg.test_fraction}")
     if cfg.window < 2 or cfg.minibatch < 1 or cfg.seeds < 1 or cfg.phase_samples < 1:
@@ -142,10 +137,34 @@ def _check(task: Task, cfg: OnlineConfig) -> List[int]:
     if cfg.eval_every < 1 or cfg.eval_every % cfg.minibatch or cfg.phase_samples % cfg.eval_every:
         raise ValueError(f"eval_every ({cfg.eval_every}) must be a multiple of minibatch ({cfg.minibatch}) and "
                          f"divide phase_samples ({cfg.phase_samples})")
-    small = [c for c in classes if int((y == c).sum()) < 2]
+
+
+def fits(task: Task, cfg: OnlineConfig, seed: int = 0) -> Optional[str]:
+    """Why the study cannot run on ``task`` (None: it can), from its labels and class
+    sizes alone, before anything runs: labels that are not classes, fewer classes than
+    phases (one group of classes per phase), or a class too small to give both the
+    stream and the test a sample. (``seed``: the registry's signature; unused.)"""
+    y = task.y
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        return (f"the online study needs integer class labels y of shape [N]; task {task.name!r} has "
+                f"y of dtype {y.dtype} and shape {list(y.shape)}")
+    labels, counts = torch.unique(y, return_counts=True)
+    if cfg.phases > len(labels):
+        return (f"its {cfg.phases} phases need at least {cfg.phases} classes (one group each); task {task.name!r} "
+                f"has {len(labels)}")
+    small = [int(c) for c, n in zip(labels, counts) if n < 2]
     if small:
-        raise ValueError(f"class(es) {small} have fewer than 2 samples: none is left for the stream or the test")
-    return classes
+        return f"class(es) {small} have fewer than 2 samples: none is left for the stream or the test"
+    return None
+
+
+def _check(task: Task, cfg: OnlineConfig) -> List[int]:
+    """The sorted class labels; ValueError on a task or config the study cannot use."""
+    _check_config(cfg)
+    why = fits(task, cfg)
+    if why is not None:
+        raise ValueError(why)
+    return sorted(int(c) for c in torch.unique(task.y))
 
 
 def _pooled(acc: List[Optional[float]], counts: List[int], which: List[int]) -> Optional[float]:

@@ -9,11 +9,16 @@ earlier result where it was and its own partial file in ``<out>/failed/`` for a 
 the report, which reads ``<out>/*.jsonl``, never shows a half-finished study as done.
 Companion files (the trajectory study's monitor run file) are staged and swapped the
 same way, together with the study file.
+
+Both folders stay small: ``previous/`` keeps one earlier version of each file (the one
+its commit replaced; an older one is deleted then), and a commit deletes the failed
+partial files of its names, which the good result has superseded.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List
@@ -23,13 +28,17 @@ from ..formats import json_safe, num, study_header
 __all__ = ["StudyWriter", "num", "set_aside"]
 
 
+def _stem(name: str) -> str:
+    return name[: -len(".jsonl")] if name.endswith(".jsonl") else name
+
+
 def set_aside(path: Path, folder: Path) -> None:
-    """Move an existing ``path`` into ``folder``, named with its time of last change, so
-    nothing is ever overwritten or deleted."""
+    """Move an existing ``path`` into ``folder`` as ``<stem>.<time of last change>.jsonl``
+    (never over another file)."""
     if not path.exists():
         return
     stamp = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y%m%dT%H%M%S")
-    name = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+    name = _stem(path.name)
     dest = folder / f"{name}.{stamp}.jsonl"
     dest.parent.mkdir(parents=True, exist_ok=True)
     i = 1
@@ -37,6 +46,19 @@ def set_aside(path: Path, folder: Path) -> None:
         dest = dest.with_name(f"{name}.{stamp}-{i}.jsonl")
         i += 1
     os.replace(path, dest)
+
+
+def set_aside_versions(name: str, folder: Path) -> List[Path]:
+    """The files :func:`set_aside` made of the file ``name`` in ``folder`` (not those of
+    another name that starts the same: ``trajectory-t.run.…`` is not a version of
+    ``trajectory-t.jsonl``)."""
+    pattern = re.compile(re.escape(_stem(name)) + r"\.\d{8}T\d{6}(-\d+)?\.jsonl")
+    return sorted(p for p in folder.glob("*.jsonl") if pattern.fullmatch(p.name)) if folder.is_dir() else []
+
+
+def _delete(paths: List[Path]) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
 
 
 class StudyWriter:
@@ -85,14 +107,18 @@ class StudyWriter:
         self._f.flush()
 
     def commit(self) -> None:
-        """The study succeeded: earlier files of these names go to ``previous/``, the new
-        ones take their place."""
+        """The study succeeded: earlier files of these names go to ``previous/`` (replacing
+        the version kept there), the new ones take their place, and the failed partial
+        files of these names are deleted."""
         self._f.close()
         for staged in [self.staged] + self._companions:
             if staged.exists():
                 final = self.out / staged.name
+                if final.exists():
+                    _delete(set_aside_versions(staged.name, self.out / "previous"))
                 set_aside(final, self.out / "previous")
                 os.replace(staged, final)
+            _delete(set_aside_versions(staged.name, self.out / "failed"))
 
     def abandon(self) -> None:
         """The study failed: its partial files go to ``failed/``, earlier results stay."""

@@ -16,9 +16,34 @@ def bar(total: int, desc: str, quiet: bool = False, position: int = 1):
                 position=position)
 
 
-def overall(total: int, quiet: bool = False):
-    """The overall line of a run of ``total`` studies (its description names the current
-    one; its count the finished ones)."""
-    disable = quiet or not sys.stderr.isatty()
-    return tqdm(total=total, desc="gradnoise study", disable=disable, leave=False, dynamic_ncols=True,
-                file=sys.stderr, position=0, unit="study", bar_format="{desc} [{elapsed}]")
+class Overall:
+    """The overall line of a run of ``total`` studies: ``study k/total: <what>``, drawn
+    once per study when it starts (:meth:`start`). The line shows only that text and the
+    time: advancing a tqdm count after a study would redraw the finished study's text
+    (``study 13/14`` twice), so the count lives here."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total = total
+        self.started = 0
+        self._line = tqdm(total=total, desc="gradnoise study", disable=quiet or not sys.stderr.isatty(),
+                          leave=False, dynamic_ncols=True, file=sys.stderr, position=0, unit="study",
+                          bar_format="{desc} [{elapsed}]")
+
+    def start(self, what: str) -> None:
+        """Show that study ``started + 1`` of ``total`` (``what``) is running."""
+        self.started += 1
+        self._line.set_description_str(f"study {self.started}/{self.total}: {what}")
+
+    def close(self) -> None:
+        self._line.close()
+
+    def __enter__(self) -> "Overall":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def overall(total: int, quiet: bool = False) -> Overall:
+    """The overall line of a run of ``total`` studies (:class:`Overall`)."""
+    return Overall(total, quiet)

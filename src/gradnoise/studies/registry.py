@@ -38,6 +38,9 @@ class Study:
         reads_runs: runs on monitor run files (``recommend``) instead of tasks.
         tasks: the built-in tasks it runs on when none is named (empty: the default
             tasks, :data:`gradnoise.studies.task.DEFAULT_TASKS`).
+        fits: ``fits(task, config, seed) -> str | None``: why the task's labels and
+            sizes cannot carry the study (None: they can), asked before it runs; the
+            runner then skips it with that note (:func:`gradnoise.studies.runner.skip_reason`).
     """
 
     name: str
@@ -48,6 +51,7 @@ class Study:
     sweep: bool = False
     reads_runs: bool = False
     tasks: Tuple[str, ...] = ()
+    fits: Optional[Callable] = None
 
 
 STUDIES: Tuple[Study, ...] = (
@@ -62,8 +66,9 @@ STUDIES: Tuple[Study, ...] = (
     Study("escape", escape.run, escape.EscapeConfig, summary.escape_line, escape_section, sweep=True),
     Study("lm", lm.run, lm.LmConfig, lm.summary_line, lm_section, tasks=("pydoc-gpt",)),
     Study("federated", federated.run, federated.FederatedConfig, federated.summary_line, federated_section,
-          sweep=True),
-    Study("online", online.run, online.OnlineConfig, online.summary_line, online_section, sweep=True),
+          sweep=True, fits=federated.fits),
+    Study("online", online.run, online.OnlineConfig, online.summary_line, online_section, sweep=True,
+          fits=online.fits),
     Study("recommend", recommend.run, None, summary.recommend_line, recommend_section, reads_runs=True),
 )
 BY_NAME: Dict[str, Study] = {s.name: s for s in STUDIES}

@@ -5,10 +5,18 @@ By default every study of the registry runs: the quick ones on both built-in tas
 (``digits-mlp``, ``digits-cnn``) and the training sweeps only on the first — the CNN
 trains ten times slower, and the sweeps train a hundred models; a study with tasks of
 its own (``lm``: ``pydoc-gpt``) on those. With tasks named explicitly, every study runs
-on every task (a study that cannot use one says why in its outcome), except that a study
-with tasks of its own runs only when it is named too (``gradnoise study --task mine``
-leaves ``lm`` out; ``gradnoise study lm --task mine`` runs it on ``mine``). A study that reads run files
-(``recommend``) reads those of ``trajectory`` (or the ``run_files`` given).
+on every task (a study that fails on one says why in its outcome), except those skipped.
+
+A study is skipped on a task, before anything runs, with a one-line reason in its
+outcome (:func:`skip_reason`): a study with tasks of its own when tasks are named but
+it is not (``gradnoise study --task mine`` leaves ``lm`` out; ``gradnoise study lm --task
+mine`` runs it on ``mine``), and a study whose ``fits`` says the task's sizes cannot
+carry it (two classes for five online phases; too few samples for every federated
+client). A skip is not a failure. A study that reads run files (``recommend``) reads
+those of ``trajectory`` (or the ``run_files`` given).
+
+Ctrl-C stops the run after the study it interrupts (whose partial file goes to
+``failed/``); the outcomes so far come back, that study's marked ``interrupted``.
 """
 from __future__ import annotations
 
@@ -53,7 +61,9 @@ class Outcome:
     task: str
     summary: dict
     seconds: float
-    error: Optional[str] = None   # why the study failed on this task (its summary is then {})
+    error: Optional[str] = None    # why the study failed on this task (its summary is then {})
+    skipped: Optional[str] = None  # why it did not run on this task (decided before it ran)
+    interrupted: bool = False      # Ctrl-C stopped it (its error says so) and the run after it
 
 
 @dataclass
@@ -64,6 +74,7 @@ class Job:
     name: str          # the task's (or run file's) name
     subject: Any
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    skip: Optional[str] = None  # why it does not run (:func:`skip_reason`)
 
 
 def check_studies(names: Sequence[str]) -> List[registry.Study]:
@@ -95,15 +106,31 @@ def set_threads(n: Optional[int]) -> int:
     return n
 
 
+def skip_reason(study: registry.Study, task: Task, config, seed: int, named: bool, default: bool
+                ) -> Optional[str]:
+    """Why ``study`` does not run on ``task`` (None: it runs), decided from the request and
+    the task's sizes before anything runs.
+
+    Args:
+        named: the study was named on the command line; default: no task was.
+    """
+    if not default and study.tasks and not named:
+        return (f"it runs on its own task ({', '.join(study.tasks)}) unless it is named "
+                f"(gradnoise study {study.name} --task SPEC runs it on yours)")
+    return study.fits(task, config, seed) if study.fits is not None else None
+
+
 def run_studies(names: Sequence[str], task_specs: Sequence[str], out, seed: int = 0, size: str = "default",
                 quiet: bool = False, overrides: Optional[Overrides] = None,
                 run_files: Sequence[str] = (), keep_going: bool = True) -> List[Outcome]:
     """Run the studies; every file lands in ``out``. Returns one :class:`Outcome` per
-    study and task, in the order run.
+    study and task, in the order run (skipped ones with their reason, in their place).
 
     A study that fails on a task (e.g. a model the per-sample engine refuses) is recorded
     with its error and the others go on, unless ``keep_going`` is False; its earlier
-    result, if any, stays in ``out`` (:mod:`gradnoise.studies.output`).
+    result, if any, stays in ``out`` (:mod:`gradnoise.studies.output`). Ctrl-C ends the
+    run there: the outcomes so far are returned, the last one ``interrupted`` (with
+    ``keep_going`` False, the ``KeyboardInterrupt`` propagates).
 
     Raises:
         ValueError: an unknown study, an unknown or duplicate task, a task that fails
@@ -112,42 +139,71 @@ def run_studies(names: Sequence[str], task_specs: Sequence[str], out, seed: int 
     studies = check_studies(names)
     overrides = overrides or Overrides()
     default = not task_specs
-    if not default and not names:  # your tasks: the studies of a task of their own only when named
-        studies = [s for s in studies if not s.tasks]
     tasks: List[Task] = [load(spec, seed) for spec in (task_specs or DEFAULT_TASKS)]
     names_seen = [t.name for t in tasks]
     if len(set(names_seen)) < len(names_seen):
         raise ValueError(f"two tasks share a name ({', '.join(names_seen)}); their files would overwrite "
                          "each other")
-    own = {name: load(name, seed) for s in studies if default and not s.reads_runs for name in s.tasks}
     out = Path(out)
-    jobs = [Job(s, t.name, t, {"quiet": quiet, "config": overrides.config(s, size)})
-            for s in studies if not s.reads_runs
-            for i, t in enumerate([own[n] for n in s.tasks] if default and s.tasks else tasks)
-            if not (default and s.sweep and i > 0)]
+    jobs = _plan(studies, names, tasks, seed, size, quiet, overrides, default)
     readers = [s for s in studies if s.reads_runs]
     if readers and not run_files and not any(s.name == "trajectory" for s in studies):
         _trajectory_runs(out, tasks)  # fail before any work when there is nothing to read
     outcomes: List[Outcome] = []
-    with overall(len(jobs) + len(readers) * max(1, len(run_files) or len(tasks)), quiet) as line:
+    runs = [j for j in jobs if j.skip is None]
+    with overall(len(runs) + len(readers) * max(1, len(run_files) or len(tasks)), quiet) as line:
         def one(job: Job) -> None:
-            line.set_description_str(f"study {line.n + 1}/{line.total}: {job.study.name} on {job.name}")
-            outcomes.append(_one(job, out, seed, size, keep_going))
-            line.update(1)
-
-        for job in jobs:
-            one(job)
-        for study in readers:
+            if job.skip is not None:
+                outcomes.append(Outcome(job.study.name, job.name, {}, 0.0, skipped=job.skip))
+                return
+            line.start(f"{job.study.name} on {job.name}")
+            t0 = time.perf_counter()
             try:
-                files = list(run_files) or _trajectory_runs(out, tasks)
-            except ValueError as e:  # the trajectory study failed: nothing to read
+                outcomes.append(_one(job, out, seed, size, keep_going))
+            except KeyboardInterrupt:
                 if not keep_going:
                     raise
-                outcomes.append(Outcome(study.name, "trajectory run files", {}, 0.0, str(e)))
-                continue
-            for f in files:
-                one(Job(study, run_name(f), f))
+                outcomes.append(Outcome(job.study.name, job.name, {}, time.perf_counter() - t0,
+                                        "interrupted (Ctrl-C) before it finished; the studies after it did not run",
+                                        interrupted=True))
+                raise
+
+        try:
+            for job in jobs:
+                one(job)
+            for study in readers:
+                try:
+                    files = list(run_files) or _trajectory_runs(out, tasks)
+                except ValueError as e:  # the trajectory study failed: nothing to read
+                    if not keep_going:
+                        raise
+                    outcomes.append(Outcome(study.name, "trajectory run files", {}, 0.0, str(e)))
+                    continue
+                for f in files:
+                    one(Job(study, run_name(f), f))
+        except KeyboardInterrupt:
+            if not keep_going:
+                raise
+            if not (outcomes and outcomes[-1].interrupted):  # between two studies
+                outcomes.append(Outcome("the run", "its remaining studies", {}, 0.0,
+                                        "interrupted (Ctrl-C); they did not run", interrupted=True))
     return outcomes
+
+
+def _plan(studies: Sequence[registry.Study], names: Sequence[str], tasks: Sequence[Task], seed: int, size: str,
+          quiet: bool, overrides: Overrides, default: bool) -> List[Job]:
+    """The jobs of the studies that run on tasks, each with its skip reason (or None)."""
+    own = {name: load(name, seed) for s in studies if default and not s.reads_runs for name in s.tasks}
+    jobs = []
+    for s in studies:
+        if s.reads_runs:
+            continue
+        config = overrides.config(s, size)
+        for i, t in enumerate([own[n] for n in s.tasks] if default and s.tasks else tasks):
+            if not (default and s.sweep and i > 0):
+                why = skip_reason(s, t, config, seed, s.name in names, default)
+                jobs.append(Job(s, t.name, t, {"quiet": quiet, "config": config}, why))
+    return jobs
 
 
 def _one(job: Job, out: Path, seed: int, size: str, keep_going: bool) -> Outcome:

@@ -189,8 +189,12 @@ def load(spec: str, seed: int = 0) -> Task:
     """
     if spec in BUILTIN:
         return builtin(spec, seed)
+    if ":" not in spec and spec.endswith(".py"):
+        raise ValueError(f"task {spec!r} names a file but not its function: use {spec}:function "
+                         f"(e.g. {spec}:task)")
     if ":" not in spec:
-        raise ValueError(f"unknown task {spec!r}: use one of {', '.join(BUILTIN)} or package.module:function")
+        raise ValueError(f"unknown task {spec!r}: use one of {', '.join(BUILTIN)}, or your task as "
+                         "path/to/file.py:function or package.module:function")
     mod_name, _, fn_name = spec.rpartition(":")
     try:
         module = _import(mod_name)
