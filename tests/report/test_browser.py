@@ -111,3 +111,19 @@ def test_the_command_line(pages, tmp_path):
     r = subprocess.run([sys.executable, str(Path(browser_check.__file__)), str(broken), "--screenshots",
                         str(shots)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "text 'NaN'" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("which", ["study", "run"])
+def test_every_table_fits_800_px(pages, which):
+    """At 800 px every table fits its box: wide ones wrap their cells rather than scroll or get cut."""
+    d = browser_check._driver()
+    try:
+        d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                          {"width": 800, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+        d.get(pages[which].resolve().as_uri())
+        wide = d.execute_script(
+            "return Array.from(document.querySelectorAll('table')).map(t => [t.scrollWidth, "
+            "t.parentElement.clientWidth, t.parentElement.className]).filter(x => x[0] > x[1] + 1 || x[2] != 'table-box')")
+    finally:
+        d.quit()
+    assert wide == [], wide

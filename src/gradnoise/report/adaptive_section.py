@@ -9,7 +9,7 @@ import numpy as np
 from . import html as h
 from .figures import COLORS, Plot, finish, log_axis, new_figure, note_empty
 from .files import Input
-from .fmt import domain_interval, fmt_count, fmt_num, fmt_with_interval
+from .fmt import domain_interval, fmt_count, fmt_factor, fmt_num, fmt_with_interval
 from .sections import section, subheading, summary_of, task_of
 
 Items = Sequence[Tuple[str, Input]]
@@ -79,7 +79,7 @@ def _part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
         rows.append((m, f"{fmt_count(s.get('reached'))} of {fmt_count(s.get('runs'))}",
                      *(fmt_with_interval((s.get(k) or {}).get("mean"), (s.get(k) or {}).get("interval"))
                        for k in ("steps", "examples", "seconds")),
-                     fmt_num(s.get("steps_vs_small"))))
+                     fmt_factor(s.get("steps_vs_small"))))
     table = h.table(("method", "reached the target", "steps", "examples", "wall seconds",
                      "steps vs fixed small"), rows)
     finals = [r.get("final_batch") for r in inp.of_type("run") if r.get("method") == "adaptive batch"]

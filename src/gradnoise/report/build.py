@@ -27,6 +27,9 @@ HOW_TO_READ = (
 )
 
 
+HEAD_PARTS = (("verdict", "Verdict"), ("inputs", "Input files"), ("how-to-read", "How to read this report"))
+
+
 def _stems(inputs: Sequence[Input]) -> List[str]:
     """A unique file stem per input, for its figures: ``01-law-digits``, …"""
     return [f"{i:02d}-{slug(inp.path.stem)}" for i, inp in enumerate(inputs, start=1)]
@@ -95,8 +98,8 @@ def _head(given: Sequence[str], inputs: Sequence[Input], created: str) -> str:
         items.append(f"<li><span class=\"mono\">{h.esc(text)}</span> ({h.esc(_kind(inp))}{extra})</li>")
     return (
         f'<p class="meta">Created {h.esc(created)} with gradnoise {h.esc(__version__)}.</p>\n'
-        f"<h2>Input files</h2>\n<ul>{''.join(items)}</ul>\n{_mixed_runs(inputs)}"
-        f"<h2>How to read this report</h2>\n{h.para(HOW_TO_READ)}"
+        f'<section id="inputs">\n<h2>Input files</h2>\n<ul>{"".join(items)}</ul>\n{_mixed_runs(inputs)}</section>\n'
+        f'<section id="how-to-read">\n<h2>How to read this report</h2>\n{h.para(HOW_TO_READ)}</section>\n'
     )
 
 
@@ -173,7 +176,7 @@ def build_report(files: Sequence["os.PathLike[str] | str"], out_dir: "os.PathLik
     _write_figures(parts, out / "figures")
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     top = _verdict_html(verdicts(inputs, _stems(inputs)), failures)
-    text = h.page(title, top + _head([os.fspath(f) for f in files], inputs, created), parts)
+    text = h.page(title, top + _head([os.fspath(f) for f in files], inputs, created), parts, HEAD_PARTS)
     index = out / "index.html"
     partial = out / "index.html.partial"
     partial.write_text(text, encoding="utf-8")

@@ -15,10 +15,12 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, LogLocator, NullLocator
+from PIL import Image
 
 from .fmt import fmt_count, fmt_num
 
 DPI = 90
+PNG_COLORS = 256
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
           "#7f7f7f", "#bcbd22", "#17becf")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -78,12 +80,29 @@ def log_axis(ax: Axes, which: str) -> None:
     axis.set_minor_formatter(_MinorLogLabels(labelOnlyBase=False, minor_thresholds=(3, 3)))
 
 
-def finish(fig: Figure, name: str, alt: str, caption: str = "") -> Plot:
-    """Render ``fig`` to PNG bytes, release it, and wrap the result in a :class:`Plot`."""
+def png_bytes(fig: Figure) -> bytes:
+    """``fig`` drawn at :data:`DPI` as a PNG of at most :data:`PNG_COLORS` colours.
+
+    A plot has a few line and fill colours plus their anti-aliased edges, so an indexed
+    palette loses nothing a reader sees and makes the file about three times smaller
+    than matplotlib's RGBA PNG (the page embeds every figure, so this is its weight)."""
+    fig.set_dpi(DPI)
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3]
+    image = Image.fromarray(np.ascontiguousarray(rgb)).quantize(
+        colors=PNG_COLORS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    image.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def finish(fig: Figure, name: str, alt: str, caption: str = "") -> Plot:
+    """Render ``fig`` to PNG bytes (:func:`png_bytes`), release it, and wrap the result
+    in a :class:`Plot`."""
+    png = png_bytes(fig)
     fig.clear()
-    return Plot(name, buf.getvalue(), alt, caption)
+    return Plot(name, png, alt, caption)
 
 
 def note_empty(ax: Axes, text: str = "no finite values to plot") -> None:

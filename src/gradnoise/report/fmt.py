@@ -56,6 +56,33 @@ def fmt_count(v: Any) -> str:
     return fmt_num(x)
 
 
+# One precision per quantity, wherever the page (verdict, tables, figure labels) shows it:
+# a number repeated on the page reads the same everywhere ("1.61", never "1.6" beside it).
+NUMBER_DIGITS = 3   # measured values: B_simple, B_crit, B_noise, tr(Σ), |G|², losses, z, ratios
+FACTOR_DIGITS = 2   # "×0.36": one method's steps or examples against another's
+
+
+def fmt_lr(v: Any) -> str:
+    """A learning rate (a grid value, ``ε_max``, or ``ε(B)`` from the fitted law)."""
+    return fmt_num(v, NUMBER_DIGITS)
+
+
+def fmt_z(v: Any) -> str:
+    """A deviation in standard errors (the law study's ``z``)."""
+    return fmt_num(v, NUMBER_DIGITS)
+
+
+def fmt_factor(v: Any) -> str:
+    """How many times one quantity is another, without the ``×`` (``"0.36"``)."""
+    return fmt_num(v, FACTOR_DIGITS)
+
+
+def fmt_share(v: Any) -> str:
+    """A fraction in [0, 1] as a percentage: ``"49.3 %"``; ``"—"`` when undefined."""
+    x = to_float(v)
+    return fmt_num(None) if not math.isfinite(x) else f"{fmt_num(100 * x, NUMBER_DIGITS)} %"
+
+
 UNDETERMINED = "not determined from these steps"
 
 

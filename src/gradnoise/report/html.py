@@ -30,13 +30,17 @@ figcaption { font-size: 0.88em; color: #555; }
 .note { background: #fff7e0; border-left: 4px solid #e0b000; padding: 0.4em 0.8em; margin: 1em 0; }
 .note ul { margin: 0.3em 0 0.1em; }
 .meta { color: #555; }
-nav ul { columns: 2; }
+nav.contents ul { display: flex; flex-wrap: wrap; gap: 0.2em 1.2em; padding-left: 0; list-style: none;
+                   margin: 0.4em 0 0; font-size: 0.92em; }
+.to-top { font-size: 0.85em; margin: 1.2em 0 0; }
+.table-box { max-width: 100%; overflow-x: auto; margin: 0.8em 0; }
+.table-box table { margin: 0; }
+th, td { overflow-wrap: anywhere; }
 .verdict { background: #f0f6ff; border: 1px solid #b8d0f0; padding: 0.2em 1.2em 0.8em; margin-top: 1.2em; }
 .verdict h2 { margin-top: 0.6em; }
 .verdict .answer { font-size: 1.08em; }
 .note.failed { background: #fdecea; border-left-color: #c0392b; }
-img, table { max-width: 100%; }
-table { display: block; overflow-x: auto; }
+img { max-width: 100%; }
 """
 
 
@@ -88,7 +92,8 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: in
             for i, c in enumerate(row)
         )
         body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>\n"
+    return (f'<div class="table-box"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+            "</table></div>\n")
 
 
 def key_values(pairs: Sequence[Tuple[str, str]]) -> str:
@@ -107,16 +112,26 @@ def figure(plot: Plot) -> str:
     return f'<figure><img src="{data_uri(plot.png)}" alt="{esc(plot.alt)}">{caption}</figure>\n'
 
 
-def page(title: str, head: str, sections: Sequence[Section]) -> str:
-    """The whole document: title, the header block ``head`` (HTML), a table of contents
-    and the sections in order."""
-    toc = "".join(f'<li><a href="#{esc(s.anchor)}">{esc(s.title)}</a></li>' for s in sections)
-    nav = f"<nav><h2>Contents</h2><ul>{toc}</ul></nav>\n" if sections else ""
-    parts = [f'<section id="{esc(s.anchor)}">\n<h2>{esc(s.title)}</h2>\n{s.body}</section>\n'
+TOP = "top"
+TO_TOP = f'<p class="to-top"><a href="#{TOP}">↑ Back to the top</a></p>\n'
+
+
+def contents(entries: Sequence[Tuple[str, str]]) -> str:
+    """The list of links at the top of the page: ``(anchor, title)`` of each part."""
+    items = "".join(f'<li><a href="#{esc(a)}">{esc(t)}</a></li>' for a, t in entries)
+    return f'<nav class="contents" aria-label="Contents"><ul>{items}</ul></nav>\n'
+
+
+def page(title: str, head: str, sections: Sequence[Section], head_parts: Sequence[Tuple[str, str]] = ()) -> str:
+    """The whole document: title, contents (``head_parts``, the ``(anchor, title)`` of
+    the parts of ``head``, then every section), the header block ``head`` (HTML) and the
+    sections in order, each ending with a link back to the top."""
+    nav = contents(list(head_parts) + [(s.anchor, s.title) for s in sections])
+    parts = [f'<section id="{esc(s.anchor)}">\n<h2>{esc(s.title)}</h2>\n{s.body}{TO_TOP}</section>\n'
              for s in sections]
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>{esc(title)}</title>\n"
-        f"<style>{CSS}</style>\n</head>\n<body>\n<header>\n<h1>{esc(title)}</h1>\n{head}</header>\n"
-        f"{nav}<main>\n{''.join(parts)}</main>\n</body>\n</html>\n"
+        f"<style>{CSS}</style>\n</head>\n<body>\n<header id=\"{TOP}\">\n<h1>{esc(title)}</h1>\n{nav}</header>\n"
+        f"{head}<main>\n{''.join(parts)}</main>\n</body>\n</html>\n"
     )

@@ -36,6 +36,8 @@ class LayerNoise:
         band: ``(low, high)`` of the 95 % interval of ``b_simple`` (``inf`` where
             unbounded, NaN where the file has none).
         share: the layer's part of the total ``tr(Σ)`` at the last step (NaN if unknown).
+        reason: why ``b_simple`` is undefined at every step (``""`` when it is defined
+            somewhere), for the table's row of dashes.
     """
 
     label: str
@@ -44,6 +46,7 @@ class LayerNoise:
     b_simple: np.ndarray
     band: Tuple[np.ndarray, np.ndarray]
     share: float
+    reason: str = ""
 
 
 def layer_of(param: str) -> str:
@@ -87,6 +90,22 @@ def _from_file(steps: Steps, name: str) -> np.ndarray:
     return out
 
 
+def _undefined_reason(header: Dict[str, Any], name: str, v: np.ndarray) -> str:
+    """Why layer ``name`` has no ``B_simple`` at any step (``v`` as :func:`_from_file`
+    returns it), or ``""`` when it has one."""
+    if np.isfinite(_ratio(v[0], v[1])).any():
+        return ""
+    layers = header.get("layers") if isinstance(header.get("layers"), dict) else {}
+    own = [str(p) for p in (layers.get(name) or {}).get("params") or []]
+    measured = {str(p) for p in header.get("params") or []} if isinstance(header.get("params"), list) else set()
+    if own and measured and not measured.intersection(own):
+        return (f"not measured: {', '.join(own)} is not among the run file's parameters (a weight tied to "
+                "another layer is counted in that layer's row)")
+    if not np.isfinite(v[0]).any() and not np.isfinite(v[1]).any():
+        return "no value recorded for this layer at any step"
+    return "undefined at every step: its |G|² was never above zero"
+
+
 def _ratio(t: np.ndarray, g: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(g > 0, t / g, np.nan)
@@ -108,5 +127,6 @@ def layer_series(header: Dict[str, Any], steps: Steps, total_trace: float) -> Li
         share = last / total_trace if math.isfinite(total_trace) and total_trace > 0 else math.nan
         label = f"{name} ({types[name]})" if name in types else name
         low, high = np.maximum(v[2], 0.0), np.maximum(v[3], 0.0)  # a v1 file may hold -inf
-        found.append(LayerNoise(label, v[0], v[1], _ratio(v[0], v[1]), (low, high), share))
+        found.append(LayerNoise(label, v[0], v[1], _ratio(v[0], v[1]), (low, high), share,
+                                _undefined_reason(header, name, v)))
     return sorted(found, key=lambda layer: -layer.share if math.isfinite(layer.share) else math.inf)

@@ -7,12 +7,12 @@ Each ``*_section`` takes the study files of one study as ``(stem, Input)`` pairs
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import html as h
 from .figures import Plot
 from .files import Input
-from .fmt import fmt_count, fmt_num, fmt_text, fmt_with_interval, to_float
+from .fmt import fmt_count, fmt_lr, fmt_num, fmt_text, fmt_with_interval, fmt_z, to_float
 from .heatmap import lr_batch_figure
 from .study_figures import critical_figure, law_figure, rules_figure
 from .line import anchor
@@ -107,7 +107,7 @@ def _law_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
         parts.append(h.note("This file has no measured points yet."))
     if summary:
         parts.append(h.para(
-            f"Largest deviation: {fmt_num(to_float(summary.get('max_abs_z')), 2)} standard errors at "
+            f"Largest deviation: {fmt_z(summary.get('max_abs_z'))} standard errors at "
             f"B={fmt_count(summary.get('batch_size'))} (checkpoint {fmt_text(summary.get('checkpoint'))}), "
             f"over {fmt_count(summary.get('points'))} points."))
     rows = []
@@ -141,7 +141,7 @@ def _critical_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
         ("best runs usable in the fit", f"{fmt_count(summary.get('points'))} of "
                                           f"{fmt_count(summary.get('runs', len(best)))}"),
     ]
-    rows = [(fmt_count(b.get("batch_size")), fmt_count(b.get("seed")), fmt_num(b.get("lr")),
+    rows = [(fmt_count(b.get("batch_size")), fmt_count(b.get("seed")), fmt_lr(b.get("lr")),
              fmt_count(b.get("steps")), fmt_count(b.get("examples"))) for b in best]
     body = [subheading(inp), h.figure(plot), h.key_values(pairs), reason_note(summary)]
     if not summary:
@@ -171,7 +171,7 @@ def _fit_table(summary: Dict[str, Any]) -> str:
     stable = summary.get("stable_fit") if isinstance(summary.get("stable_fit"), dict) else {}
     fits = (summary, stable)
     rows = [
-        ("ε_max (largest useful learning rate)",) + tuple(fmt_num(f.get("eps_max")) for f in fits),
+        ("ε_max (largest useful learning rate)",) + tuple(fmt_lr(f.get("eps_max")) for f in fits),
         ("B_noise, 95 % interval",) + tuple(fmt_with_interval(f.get("b_noise"), f.get("b_noise_interval"))
                                             for f in fits),
         ("rms log-residual of the fit",) + tuple(fmt_num(f.get("rms")) for f in fits),
@@ -186,7 +186,7 @@ def _lr_batch_part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
         ("B_simple measured at initialisation", fmt_num(summary.get("b_simple"))),
         ("points in the fit", fmt_count(summary.get("points"))),
     ]
-    stable = [(fmt_count(s.get("batch_size")), fmt_num(s.get("lr_max")), fmt_num(s.get("lr_best")),
+    stable = [(fmt_count(s.get("batch_size")), fmt_lr(s.get("lr_max")), fmt_lr(s.get("lr_best")),
                fmt_num(s.get("best_loss"))) for s in inp.of_type("stable")]
     body = [subheading(inp), h.figure(plot), _fit_table(summary), h.key_values(pairs), reason_note(summary)]
     if stable:
@@ -207,7 +207,17 @@ def rules_table(rules: Sequence[Dict[str, Any]]) -> str:
     return h.table(("new batch size B′", "linear", "square root", "AdaScale"), rows, numeric_from=0)
 
 
-def advice(rec: Dict[str, Any], stem: str, what: str, run_file: Any = None) -> Tuple[str, List[Plot]]:
+def _advice_steps(defined: Any, measured: Optional[int]) -> str:
+    """The steps the advice reads: those with a defined smoothed ``B_simple`` — named as
+    such, never as the run's measured steps (:class:`~gradnoise.report.series.StepCounts`)."""
+    what = "with a defined smoothed B_simple (the advice reads the last)"
+    if measured is None:
+        return f"{fmt_count(defined)} {what}"
+    return f"{fmt_count(defined)} of the {fmt_count(measured)} measured steps: those {what}"
+
+
+def advice(rec: Dict[str, Any], stem: str, what: str, run_file: Any = None,
+           measured: Optional[int] = None) -> Tuple[str, List[Plot]]:
     """The recommendation's key numbers, its rules table and figure.
 
     Args:
@@ -215,11 +225,12 @@ def advice(rec: Dict[str, Any], stem: str, what: str, run_file: Any = None) -> T
         stem: the figure's file stem.
         what: the run's name for the alt text.
         run_file: the run file's name to show, if any.
+        measured: the run file's measured steps, when the page has it.
     """
     pairs = [("batch size B of the run", fmt_count(rec.get("batch_size"))),
              (f"noise scale B_simple at step {fmt_count(rec.get('step'))} (the critical batch size at that "
               "stage), 95 % interval", fmt_with_interval(rec.get("b_crit"), rec.get("b_crit_interval"))),
-             ("measured steps in the run", fmt_count(rec.get("steps")))]
+             ("steps behind this advice", _advice_steps(rec.get("steps"), measured))]
     if run_file is not None:
         pairs.insert(0, ("run file", fmt_text(run_file)))
     parts = [h.key_values(pairs)]

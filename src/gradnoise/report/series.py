@@ -89,6 +89,66 @@ def noise_series(header: Dict[str, Any], steps: Steps) -> NoiseSeries:
     )
 
 
+@dataclass(frozen=True)
+class StepCounts:
+    """How many steps a run file holds, the one definition every part of the page uses.
+
+    Attributes:
+        measured: step lines in the file ("measured steps").
+        skipped: those the monitor did not fold into its averages.
+        defined: those not skipped whose smoothed ``B_simple`` is defined: the steps
+            the advice can read (:func:`gradnoise.control.advise`'s ``steps``).
+    """
+
+    measured: int
+    skipped: int
+    defined: int
+
+    def text(self) -> str:
+        """``"300 (299 with a defined smoothed B_simple; 1 skipped)"``; the number alone
+        when every measured step has a defined value."""
+        if self.defined == self.measured:
+            return str(self.measured)
+        skipped = f"; {self.skipped} skipped, not averaged" if self.skipped else ""
+        return f"{self.measured} ({self.defined} with a defined smoothed B_simple{skipped})"
+
+
+def step_counts(steps: Steps) -> StepCounts:
+    """:class:`StepCounts` of a run file's step lines."""
+    skipped = sum(bool(s.get("skipped")) for s in steps)
+    defined = sum(not s.get("skipped") and (s.get("smoothed") or {}).get("b_simple") is not None for s in steps)
+    return StepCounts(len(steps), skipped, defined)
+
+
+@dataclass(frozen=True)
+class Marks:
+    """Indices of the smoothed ``B_simple`` values the page quotes (None when undefined).
+
+    Attributes:
+        first: the first value with a bounded 95 % interval (the first finite value when
+            no interval is bounded).
+        low: the lowest value with a bounded interval (``first`` when none is bounded).
+        last: the last finite value.
+    """
+
+    first: Optional[int]
+    low: Optional[int]
+    last: Optional[int]
+
+
+def b_simple_marks(series: NoiseSeries) -> Marks:
+    """The first, lowest and last smoothed ``B_simple`` worth quoting (:class:`Marks`):
+    values whose interval is unbounded above are left out where a bounded one exists."""
+    b, high = series.smoothed["b_simple"], series.b_band[1]
+    ok = np.flatnonzero(np.isfinite(b))
+    if not ok.size:
+        return Marks(None, None, None)
+    bounded = np.flatnonzero(np.isfinite(b) & np.isfinite(high))
+    first = int(bounded[0] if bounded.size else ok[0])
+    low = int(bounded[np.argmin(b[bounded])]) if bounded.size else first
+    return Marks(first, low, int(ok[-1]))
+
+
 def last_finite(values: np.ndarray) -> Optional[int]:
     """Index of the last finite entry of a 1-D array, or None."""
     idx = np.flatnonzero(np.isfinite(values))
@@ -101,4 +161,5 @@ def first_finite(values: np.ndarray) -> Optional[int]:
     return int(idx[0]) if idx.size else None
 
 
-__all__ = ["KEYS", "PLOTTED", "NoiseSeries", "first_finite", "last_finite", "layer_of", "noise_series"]
+__all__ = ["KEYS", "PLOTTED", "Marks", "NoiseSeries", "StepCounts", "b_simple_marks", "first_finite", "last_finite",
+           "layer_of", "noise_series", "step_counts"]

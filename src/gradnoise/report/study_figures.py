@@ -172,16 +172,22 @@ def critical_figure(runs: Lines, best: Lines, summary: Dict[str, Any], name: str
     return finish(fig, name, alt, "Shaded: 95 % intervals; dotted: the asymptotes S_min and E_min.")
 
 
-def rules_figure(rules: Lines, batch_size: Any, b_noise: Any, name: str, what: str) -> Plot:
+# The rules as the recommendation's text writes them: AdaScale's gain uses the measured
+# noise scale B_simple (:func:`gradnoise.control.advise`), not the fitted B_noise of lr-batch.
+RULE_LABELS = (("linear", "linear  B′/B"), ("sqrt", "square root  √(B′/B)"),
+               ("adascale", "AdaScale  (1 + B_simple/B)/(1 + B_simple/B′)"))
+
+
+def rules_figure(rules: Lines, batch_size: Any, b_simple: Any, name: str, what: str) -> Plot:
     """Learning-rate multipliers of the linear, square-root and AdaScale rules against the
-    new batch size, log-log; every rule passes through 1 at ``batch_size``."""
+    new batch size, log-log; every rule passes through 1 at ``batch_size``; a dotted line
+    marks the noise scale ``b_simple`` the AdaScale gain uses."""
     fig, (ax,) = new_figure(1, 1, width=6.0, row_height=4.0)
     b0 = to_float(batch_size)
     rows = sorted(rules, key=lambda r: to_float(r.get("to_batch")))
     to = _column(rows, "to_batch")
     shown = []
-    for i, (key, label) in enumerate((("linear", "linear  B'/B"), ("sqrt", "square root  √(B'/B)"),
-                                      ("adascale", "AdaScale  (1+B_noise/B)/(1+B_noise/B')"))):
+    for i, (key, label) in enumerate(RULE_LABELS):
         y = _column(rows, key)
         x, y = np.append(to, b0), np.append(y, 1.0)
         keep = np.isfinite(x) & (x > 0) & np.isfinite(y) & (y > 0)
@@ -189,7 +195,7 @@ def rules_figure(rules: Lines, batch_size: Any, b_noise: Any, name: str, what: s
         if np.count_nonzero(keep) > 1:
             ax.plot(x[keep][order], y[keep][order], "o-", color=COLORS[i], markersize=4, label=label)
             shown.append(y[keep])
-    ax.set(title=f"Learning-rate multiplier from B={fmt_count(b0)}", xlabel="new batch size B' (samples)",
+    ax.set(title=f"Learning-rate multiplier from B={fmt_count(b0)}", xlabel="new batch size B′ (samples)",
            ylabel="learning-rate multiplier")
     if not shown:
         note_empty(ax)
@@ -197,11 +203,12 @@ def rules_figure(rules: Lines, batch_size: Any, b_noise: Any, name: str, what: s
         log_axis(ax, "x")
         log_axis(ax, "y")
         value_ticks(ax, "x", np.append(to, b0))
-        bc = to_float(b_noise)
+        bc = to_float(b_simple)
         if math.isfinite(bc) and bc > 0:
             ax.axvline(bc, color="#888888", linestyle=":", label="noise scale B_simple")
     legend(ax, small=True)
     alt = (f"Log-log plot for {what}: the learning-rate multiplier of the linear, square-root and "
-           f"AdaScale rules against the new batch size, starting from batch size {fmt_count(b0)}.")
+           f"AdaScale rules ({'; '.join(label for _, label in RULE_LABELS)}) against the new batch size, "
+           f"starting from batch size {fmt_count(b0)}.")
     return finish(fig, name, alt)
 
