@@ -288,3 +288,38 @@ def test_help_and_errors_show_the_file_form_of_task(tmp_path, capsys):
     assert "path/to/file.py:function" in capsys.readouterr().err
     assert main(["study", "law", "--task", "examples/my_task.py", "--out", str(tmp_path / "o")]) == 2
     assert "examples/my_task.py:task" in capsys.readouterr().err
+
+
+BN_OR_NOT = (
+    "import os, torch\n"
+    "def task():\n"
+    "    x = torch.randn(64, 4); y = (x[:, 0] > 0).long()\n"
+    "    mid = torch.nn.BatchNorm1d(8) if os.environ.get('GRADNOISE_TEST_BN') else torch.nn.Tanh()\n"
+    "    return torch.nn.Sequential(torch.nn.Linear(4, 8), mid, torch.nn.Linear(8, 2)), (x, y), "
+    "torch.nn.functional.cross_entropy\n"
+)
+
+
+def test_skipped_studies_are_notes_on_the_page_not_failures(tmp_path, capsys):
+    from gradnoise.cli import main
+
+    rc = main(["study", "law", "online", "--task", f"{ROOT / 'examples' / 'my_task.py'}:task", "--size", "tiny",
+               "--out", str(tmp_path / "o")])
+    assert rc == 0
+    page = (tmp_path / "o" / "index.html").read_text()
+    assert "Not run" in page and "online on my_task" in page and "incomplete" not in page
+
+
+def test_an_incomplete_run_names_an_earlier_run_only_where_its_file_is_there(tmp_path, capsys, monkeypatch):
+    """The page said "a section of theirs shown below is from an earlier run" in a folder
+    that had none."""
+    from gradnoise.cli import main
+
+    (tmp_path / "t.py").write_text(BN_OR_NOT)
+    spec, out = f"{tmp_path / 't.py'}:task", tmp_path / "o"
+    assert main(["study", "trajectory", "--task", spec, "--size", "tiny", "--out", str(out)]) == 0
+    monkeypatch.setenv("GRADNOISE_TEST_BN", "1")
+    assert main(["study", "law", "trajectory", "--task", spec, "--size", "tiny", "--out", str(out)]) == 2
+    page = (out / "index.html").read_text()
+    assert "This run is incomplete" in page
+    assert "shown below for trajectory on t is from an earlier run" in page and "for law on t" not in page

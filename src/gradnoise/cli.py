@@ -174,7 +174,7 @@ def run_study(args, out=None) -> int:
     interrupted = any(o.interrupted for o in outcomes)
     files = runner.study_files(args.out)
     failures = _failures(outcomes)
-    page = build_report(files, args.out, failures=failures) if files else None
+    page = build_report(files, args.out, failures=failures, skipped=_skipped(outcomes)) if files else None
     done = [o for o in outcomes if o.error is None and o.skipped is None]
     if not args.quiet and (done or _skipped(outcomes)):
         print(f"gradnoise study (seed {args.seed}, size {args.size}):", file=out)

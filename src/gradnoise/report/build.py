@@ -68,7 +68,15 @@ def _mixed_runs(inputs: Sequence[Input]) -> str:
     return h.note(f"These files come from different runs: {'; '.join(parts)}.") if parts else ""
 
 
-def _verdict_html(found: Sequence[TaskVerdict], failures: Sequence[str]) -> str:
+def _earlier(failures: Sequence[str], inputs: Sequence[Input]) -> List[str]:
+    """The failures (``"<study> on <task>: …"``) whose study file is among the inputs: a
+    file that an earlier run left, since a failed study never replaces it."""
+    present = {f"{inp.study} on {inp.header.get('task')}:" for inp in inputs if inp.study is not None}
+    return [f for f in failures if any(f.startswith(p) for p in present)]
+
+
+def _verdict_html(found: Sequence[TaskVerdict], failures: Sequence[str], skipped: Sequence[str] = (),
+                  earlier: Sequence[str] = ()) -> str:
     """The verdict block at the top of the page; every number links to its section."""
     def html_of(line) -> str:
         return "".join(f'<a href="#{h.esc(a)}">{h.esc(t)}</a>' if a else h.esc(t) for t, a in line.pieces)
@@ -76,9 +84,15 @@ def _verdict_html(found: Sequence[TaskVerdict], failures: Sequence[str]) -> str:
     parts = ['<section id="verdict" class="verdict">\n<h2>Verdict</h2>\n']
     if failures:
         items = "".join(f"<li>{h.esc(f)}</li>" for f in failures)
+        old = (f"; the section{'s' if len(earlier) > 1 else ''} shown below for "
+               f"{', '.join(f.split(':', 1)[0] for f in earlier)} {'are' if len(earlier) > 1 else 'is'} from an "
+               "earlier run (see its creation time)") if earlier else ""
         parts.append(f'<div class="note failed"><strong>This run is incomplete</strong>: these studies failed, so '
-                     f"their answers are missing from the verdict; a section of theirs shown below is from an "
-                     f"earlier run (see its creation time).<ul>{items}</ul></div>\n")
+                     f"their answers are missing from the verdict{h.esc(old)}.<ul>{items}</ul></div>\n")
+    if skipped:
+        items = "".join(f"<li>{h.esc(s)}</li>" for s in skipped)
+        parts.append(f'<div class="note"><strong>Not run</strong> (they do not apply to these tasks; not a '
+                     f"failure):<ul>{items}</ul></div>\n")
     if not found:
         parts.append(h.para("No study on this page can answer the batch-size question: run gradnoise study "
                             "trajectory critical-batch lr-batch, or give a monitor run file."))
@@ -143,7 +157,7 @@ def verdict_lines(files: Sequence["os.PathLike[str] | str"], failures: Sequence[
 
 def build_report(files: Sequence["os.PathLike[str] | str"], out_dir: "os.PathLike[str] | str",
                  title: str = "gradnoise report", sections: Optional[Sections] = None,
-                 failures: Sequence[str] = ()) -> Path:
+                 failures: Sequence[str] = (), skipped: Sequence[str] = ()) -> Path:
     """Build the HTML report of study files and monitor run files.
 
     Every input is read and checked before anything is written. The page,
@@ -159,7 +173,11 @@ def build_report(files: Sequence["os.PathLike[str] | str"], out_dir: "os.PathLik
         sections: study name -> section builder, in the page's order (default: the
             study registry's, :func:`gradnoise.studies.registry.sections`).
         failures: ``"<study> on <task>: <error>"`` for each study that failed in the run
-            that produced the files: the page says it is incomplete.
+            that produced the files: the page says it is incomplete (and, for those whose
+            file is among ``files``, that it is from an earlier run).
+        skipped: ``"<study> on <task>: <why>"`` for each study left out because it does
+            not apply to the task (:func:`gradnoise.studies.runner.skip_reason`): listed
+            as notes, not failures.
 
     Returns:
         The path of ``index.html``.
@@ -175,7 +193,7 @@ def build_report(files: Sequence["os.PathLike[str] | str"], out_dir: "os.PathLik
     out = Path(out_dir)
     _write_figures(parts, out / "figures")
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    top = _verdict_html(verdicts(inputs, _stems(inputs)), failures)
+    top = _verdict_html(verdicts(inputs, _stems(inputs)), failures, skipped, _earlier(failures, inputs))
     text = h.page(title, top + _head([os.fspath(f) for f in files], inputs, created), parts, HEAD_PARTS)
     index = out / "index.html"
     partial = out / "index.html.partial"
