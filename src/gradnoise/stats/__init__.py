@@ -1,6 +1,6 @@
 """Pure maths on tensors and floats: the gradient-noise estimators and their smoothing
 (no modules, no I/O)."""
-from . import smoothing
+from . import rules, smoothing
 from .clients import FLAG_CLIENT_TOO_SMALL, FLAG_SINGLE_CLIENT, ClientMoments, ClientNoise, client_moments
 from .clients import decompose as decompose_clients
 from .noise import (
@@ -17,6 +17,7 @@ from .noise import (
 )
 
 __all__ = [
+    "rules",
     "smoothing",
     "FLAG_CLIENT_TOO_SMALL",
     "FLAG_SINGLE_CLIENT",
