@@ -7,7 +7,7 @@ import pytest
 
 from gradnoise.report import build_report, verdict_lines
 from gradnoise.report.lm_section import layernorm_text, lm_next_text, lm_verdict_text
-from gradnoise.report.study_lines import lm_batch
+from gradnoise.report.verdict import _lm_batch as lm_batch
 from gradnoise.studies import lm
 from gradnoise.studies.task import builtin
 from test_report_build import check_page

@@ -102,7 +102,7 @@ def test_the_b_simple_values_the_verdict_quotes_are_in_the_run_table(tmp_path):
     verdict = page.visible.split("Created ")[0]
     quoted = re.findall(r"up from (\S+) at step (\d+)", verdict)
     assert quoted == [("4", "10")], verdict
-    last = re.search(r"\(step (\d+)\) is B_simple ≈ (\S+)", verdict)
+    last = re.search(r"\(step (\d+)[^)]*\)(?: the noise scale)? is B_simple ≈ (\S+)", verdict)
     assert last, verdict
     quoted.append((last.group(2), last.group(1)))
     values = [r[-1] for r in page.rows if r and "B_simple" in r[0]]
@@ -122,10 +122,10 @@ def _law(out, z):
 def test_the_law_deviation_reads_the_same_in_the_verdict_and_its_section(tmp_path):
     out = tmp_path / "studies"
     _, page = page_of([_law(out, 2.3349), critical_study(out)], tmp_path)
-    in_verdict = re.search(r"largest deviation (\S+) standard errors", page.visible)
     in_section = re.search(r"Largest deviation: (\S+) standard errors", page.visible)
-    assert in_verdict and in_section
-    assert in_section.group(1) == in_verdict.group(1) == "2.33"
+    assert in_section and in_section.group(1) == "2.33"
+    # the verdict keeps to its answer: the law's check is said once, in its own section
+    assert "largest deviation" not in page.visible.split("Input files")[0].lower()
 
 
 def _adaptive(out):
@@ -223,3 +223,14 @@ def test_figures_are_indexed_colour_pngs(tmp_path):
         assert data[25] == 3, p.name          # IHDR colour type 3: a palette of at most 256 colours
         assert len(data) < 40_000, (p.name, len(data))
     assert index.stat().st_size < 200_000
+
+
+def test_the_optimizers_finding_names_sgd_once():
+    """Finding 5: "SGD's the most (10.6), SGD's 10.6"."""
+    from gradnoise.report.optimizers_section import optimizers_finding
+    opts = {"SGD": {"median_ratio": 10.6, "final_loss": 0.5}, "Adam": {"median_ratio": 2.0, "final_loss": 0.3},
+            "MARS": {"median_ratio": 4.0, "final_loss": 0.4}}
+    text = optimizers_finding({"optimizers": opts})
+    assert text.count("SGD") == 1 and "SGD's the most (10.6)" in text
+    opts["SGD"]["median_ratio"] = 3.0
+    assert "SGD's 3" in optimizers_finding({"optimizers": opts})

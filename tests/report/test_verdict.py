@@ -15,11 +15,13 @@ from test_report_build import check_page
 INF = float("inf")
 
 
-def _run_file(path, values):
+def _run_file(path, values, optimizer=None, extra=None):
     """A v2 run file whose steps have the smoothed B_simple and intervals ``values``:
-    ``[(step, b_simple, (low, high)), ...]``, batch 32."""
-    lines = [run_header("per_sample", 2, 0.95, ["fc.weight"], {"fc": {"type": "Linear", "params": ["fc.weight"]}})]
-    for step, b, iv in values:
+    ``[(step, b_simple, (low, high)), ...]``, batch 32; ``optimizer`` the header's entry,
+    ``extra(i)`` more fields of step ``i`` (loss, lr, preconditioned, flags)."""
+    lines = [run_header("per_sample", 2, 0.95, ["fc.weight"], {"fc": {"type": "Linear", "params": ["fc.weight"]}},
+                        optimizer)]
+    for i, (step, b, iv) in enumerate(values):
         sm = {"trace_cov": b, "grad_sq_norm": 1.0, "b_simple": b, "trace_cov_interval": [0.5 * b, 2 * b],
               "grad_sq_norm_interval": [0.5, 2.0]}
         lines.append({"type": "step", "step": step, "source": "per_sample", "skipped": False, "flag": None,
@@ -29,6 +31,7 @@ def _run_file(path, values):
                       "by_param": {"fc.weight": {"raw": dict(sm), "smoothed": dict(sm)}},
                       "by_layer": {"fc": {"smoothed": dict(sm), "b_simple_interval": [iv[0], "inf" if iv[1] == INF
                                                                                       else iv[1]]}}})
+        lines[-1].update(extra(i) if extra else {})
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
@@ -76,14 +79,17 @@ def test_two_critical_batch_sizes_are_reconciled(studies, tmp_path):
     B_crit with no word on why they differ."""
     out, files = studies
     text = "\n".join(verdict_lines(files))
-    assert "digits-mlp: Batch size ≈ 23 and learning rate ≈ 0.45 for the stage up to the loss 0.2." in text
+    assert "digits-mlp: Batch size ≈ 23 and learning rate ≈ 0.454 for the stage up to the loss 0.2." in text
     assert "B_crit ≈ 22.6 (95 % interval [17.5, 28.8])" in text
     assert "B_simple measured along those runs, 14.1, agrees with it" in text
     assert "B_simple ≈ 129 (95 % interval [66, 1750])" in text
     assert "larger than B_crit because it is measured later, at a lower loss (0.119 < target 0.2)" in text
     assert "grow the batch as B_simple grows" in text
     # the learning rate for that batch is lr-batch's law, beside the best rate measured nearby
-    assert "ε(B) = 0.7/(1 + 12.5/B) gives ε ≈ 0.45; the best rate measured at B=32 was 0.4" in text
+    assert "ε(B) = 0.7/(1 + 12.5/B) gives ε ≈ 0.454; the best rate measured at B=32 was 0.4" in text
+    # the next step quotes B_simple as the reasons do, not a rounded batch that looks like it
+    assert "B_simple ≈ 129 by the end of this run" in text
+    assert len([x for x in text.splitlines() if x.startswith("    - ")]) == 3
     page = build_report(files, tmp_path / "report")
     html = page.read_text()
     assert html.index('id="verdict"') < html.index("<h2>Input files</h2>") < html.index('id="law"' if 'id="law"'
@@ -123,7 +129,7 @@ def test_a_run_file_alone_gives_a_stage_answer_or_says_it_is_not_determined(tmp_
     _run_file(known, [(0, 50.0, (float("nan"), float("nan"))), (10, 80.0, (60.0, 110.0))])
     text = "\n".join(verdict_lines([known]))
     assert "known.jsonl: Batch size ≈ 80 at the stage this run reached." in text
-    assert "AdaScale gain" in text
+    assert "AdaScale's gain" in text
     bound = tmp_path / "bound.jsonl"
     _run_file(bound, [(0, 50.0, (float("nan"), float("nan"))), (10, 84.2, (66.0, INF))])
     text = "\n".join(verdict_lines([bound]))
@@ -162,3 +168,87 @@ def test_the_next_step_follows_what_the_noise_scale_did(tmp_path):
     assert "past it a larger batch mostly costs examples" in next_line(flat)
     crit = _critical(tmp_path / "c")
     assert "measure it later in training too" in verdict_lines([crit])[-1]
+
+
+ADAMW = {"class": "AdamW", "family": "adam", "groups": 1, "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
+         "weight_decay": 0.01}
+SGD = {"class": "SGD", "family": "sgd", "groups": 1, "lr": 0.1, "momentum": 0.9}
+NAN = float("nan")
+
+
+def _one(path):
+    """The decision object of one run file."""
+    from gradnoise.report.files import load
+    from gradnoise.report.verdict import verdicts
+    (v,) = verdicts([load(path)], [path.stem])
+    return v
+
+
+def test_an_adam_run_gets_the_noise_of_its_update_and_the_square_root_rule(tmp_path):
+    """Finding 2: an AdamW run was given SGD's AdaScale gain and a growth 'as the loss
+    falls' the file could not show. Its batch now follows the preconditioned noise scale,
+    its rate the square root of AdaScale's gain from the run's own rate."""
+    path = tmp_path / "adam.jsonl"
+    values = [(0, 50.0, (NAN, NAN)), (10, 20.0, (10.0, 40.0)), (20, 60.0, (40.0, 90.0))]
+    pre = [None, {"smoothed": {"trace_cov": 1.0, "grad_sq_norm": 1.0, "b_simple": 12.0},
+                  "b_simple_interval": [6.0, 30.0]},
+           {"smoothed": {"trace_cov": 1.0, "grad_sq_norm": 1.0, "b_simple": 16.0}, "b_simple_interval": [9.0, 28.0]}]
+    _run_file(path, values, ADAMW, lambda i: {"lr": 1e-3 / (i + 1), "preconditioned": pre[i]})
+    v = _one(path)
+    gain = (1 + 16 / 32) / (1 + 16 / 16)
+    assert (v.answered, v.batch, v.basis, v.lr_rule, v.optimizer) == (True, 16, "preconditioned B_simple",
+                                                                      "adam-sqrt", "AdamW")
+    assert v.lr_factor == pytest.approx(gain ** 0.5) and v.lr == pytest.approx(1e-3 / 3 * gain ** 0.5)
+    text = "\n".join(verdict_lines([path]))
+    assert "(AdamW: the square root of AdaScale's gain)" in text and "B_simple ≈ 60" in text
+    assert "as the loss fell" not in text and "lr-batch" not in text and "gradnoise study" not in text
+    assert len(v.because) <= 3 and len(text.splitlines()) <= 8
+
+
+def test_an_sgd_run_keeps_adascale_and_says_growth_with_the_loss_only_where_logged(tmp_path):
+    path = tmp_path / "sgd.jsonl"
+    values = [(0, 50.0, (NAN, NAN)), (10, 20.0, (10.0, 40.0)), (20, 60.0, (40.0, 90.0))]
+    _run_file(path, values, SGD, lambda i: {"lr": 0.1, "loss": [2.0, 1.5, 0.9][i]})
+    v = _one(path)
+    gain = (1 + 60 / 32) / (1 + 60 / 60)
+    assert (v.batch, v.basis, v.lr_rule) == (60, "B_simple", "adascale")
+    assert v.lr == pytest.approx(0.1 * gain) and v.lr_factor == pytest.approx(gain)
+    text = "\n".join(verdict_lines([path]))
+    assert "it grew as the loss fell (1.5 → 0.9)" in text and "(SGD: AdaScale's gain)" in text
+    # an Adam run whose file has no preconditioned values says so and falls back to the raw one
+    _run_file(path, values, ADAMW)
+    v = _one(path)
+    assert v.basis == "B_simple" and v.lr_rule == "adam-sqrt" and "preconditioned noise is not in the file" in \
+        v.because[0].text
+
+
+def test_runs_that_cannot_answer_say_why(tmp_path):
+    """A header-only file, a run whose every step is single_group, and one with some
+    flagged steps: the reason and the flag counts, and a next step on the user's run."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps(run_header("microbatch", 1, 0.95, ["w"], {}, SGD)) + "\n")
+    v = _one(empty)
+    assert not v.answered and v.why_not == "the run file has no measured step"
+
+    single = tmp_path / "single.jsonl"
+    _run_file(single, [(i, 1.0, (NAN, NAN)) for i in range(5)], SGD,
+              lambda i: {"skipped": True, "flag": "single_group",
+                         "smoothed": {"trace_cov": None, "grad_sq_norm": None, "b_simple": None}})
+    v = _one(single)
+    assert not v.answered and "every measured step was flagged (single_group ×5" in v.why_not
+    assert "micro-batches" in v.next_step.text
+    text = "\n".join(verdict_lines([single]))
+    assert "No batch-size answer: every measured step was flagged" in text
+
+    some = tmp_path / "some.jsonl"
+    _run_file(some, [(0, 50.0, (NAN, NAN)), (10, 20.0, (10.0, 40.0)), (20, 60.0, (40.0, 90.0))], SGD,
+              lambda i: {"skipped": True, "flag": "non_finite"} if i == 0 else {})
+    v = _one(some)
+    assert v.answered and "1 of 3 measured steps have no defined value: non_finite ×1" in v.because[1].text
+
+
+def test_batch_below_two_is_said_as_it_is(tmp_path):
+    """Finding 5: "Batch size ≈ 2" for B_simple 0.934."""
+    path = tmp_path / "low.jsonl"
+    _run_file(path, [(0, 0.9, (NAN, NAN)), (10, 0.934, (0.5, 1.6))], SGD)
+    assert _one(path).batch == 1

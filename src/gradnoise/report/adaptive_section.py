@@ -87,7 +87,28 @@ def _part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
                    f"(one per seed; it started at {fmt_count(summary.get('base_batch'))}).") if finals else ""
     head = h.para(f"Target loss {fmt_num(summary.get('target_loss'))}; base batch "
                   f"{fmt_count(summary.get('base_batch'))}, large batch {fmt_count(summary.get('large_batch'))}.")
-    return subheading(inp) + head + h.figure(plot) + table + extra, [plot]
+    return subheading(inp) + head + h.figure(plot) + h.para(adaptive_finding(summary)) + table + extra, [plot]
+
+
+def adaptive_finding(s: Dict[str, Any]) -> str:
+    """Steps and examples of AdaScale, the noise-driven batch and Adam with AdaScale's
+    square-root gain against the fixed small batch."""
+    methods = s.get("methods") or {}
+    base = methods.get("fixed small") or {}
+    b_steps, b_ex = ((base.get(k) or {}).get("mean") for k in ("steps", "examples"))
+    parts = []
+    for name in ("AdaScale", "adaptive batch", "Adam + AdaScale (√ gain)"):
+        m = methods.get(name) or {}
+        steps, ex = ((m.get(k) or {}).get("mean") for k in ("steps", "examples"))
+        if steps is None or not b_steps:
+            if m:
+                parts.append(f"{name} reached it in {fmt_count(m.get('reached'))} of {fmt_count(m.get('runs'))} seeds")
+            continue
+        parts.append(f"{name} took ×{fmt_factor(steps / b_steps)} the steps and ×{fmt_factor(ex / b_ex)} the "
+                     "examples of the fixed small batch")
+    return (f"To the loss {fmt_num(s.get('target_loss'))} from batch {fmt_count(s.get('base_batch'))}: "
+            + ("; ".join(parts) if parts else "no method reached it")
+            + " (fewer steps pay where steps are the cost, as with many devices in parallel).")
 
 
 def adaptive_section(items: Items) -> h.Section:
@@ -95,4 +116,4 @@ def adaptive_section(items: Items) -> h.Section:
     return section("adaptive", "Adaptive: acting on the noise", ADAPTIVE_TEXT, items, _part)
 
 
-__all__ = ["adaptive_figure", "adaptive_section", "method_bars"]
+__all__ = ["adaptive_figure", "adaptive_finding", "adaptive_section", "method_bars"]

@@ -2,6 +2,8 @@
 optimizer's update measured at the same state over many batches."""
 from __future__ import annotations
 
+import math
+
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -99,7 +101,23 @@ def _part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
                        "once an epoch):") + h.table(("step", "SVRG estimator tr Cov", "SGD gradient tr Cov",
                                                      "ratio"), srows)
     head = h.para(f"Batch size {fmt_count(summary.get('batch_size'))}, {fmt_count(summary.get('steps'))} steps each.")
-    return subheading(inp) + head + h.figure(plot) + table + extra, [plot]
+    return subheading(inp) + head + h.figure(plot) + h.para(optimizers_finding(summary)) + table + extra, [plot]
+
+
+def optimizers_finding(s: Dict[str, Any]) -> str:
+    """The optimizers whose updates were least and most noisy (SGD's beside them when it is
+    neither), and the one that reached the lowest loss."""
+    opts = {k: v for k, v in (s.get("optimizers") or {}).items() if v.get("median_ratio") is not None}
+    if not opts:
+        return "No update noise could be measured."
+    quiet = min(opts, key=lambda k: opts[k]["median_ratio"])
+    loud = max(opts, key=lambda k: opts[k]["median_ratio"])
+    best = min(opts, key=lambda k: opts[k]["final_loss"] if opts[k]["final_loss"] is not None else math.inf)
+    text = (f"The update of {quiet} was the least noisy (median noise-to-signal {fmt_num(opts[quiet]['median_ratio'])})"
+            f" and {loud}'s the most ({fmt_num(opts[loud]['median_ratio'])})")
+    if "SGD" in opts and "SGD" not in (quiet, loud):
+        text += f", SGD's {fmt_num(opts['SGD']['median_ratio'])}"
+    return text + f"; {best} reached the lowest loss ({fmt_num(opts[best]['final_loss'])})."
 
 
 def optimizers_section(items: Items) -> h.Section:
@@ -107,4 +125,4 @@ def optimizers_section(items: Items) -> h.Section:
     return section("optimizers", "Optimizers: the noise of the update", OPTIMIZERS_TEXT, items, _part)
 
 
-__all__ = ["optimizers_figure", "optimizers_section"]
+__all__ = ["optimizers_figure", "optimizers_finding", "optimizers_section"]
