@@ -180,8 +180,9 @@ def trend(st: Stage) -> str:
     return ""
 
 
-def next_step(st: Optional[Stage], batch: float, b_crit: float, monitor: str) -> Line:
-    """What to do with the answer, by what the noise scale did along the run."""
+def next_step(st: Optional[Stage], batch: float, b_crit: float, monitor: str, lower_bound: bool = False) -> Line:
+    """What to do with the answer, by what the noise scale did along the run
+    (``lower_bound``: the answer is one, whatever the run's own interval)."""
     b = round_batch(batch)
     if st is None:
         return Line().add(f"Next: train at batch ≈ {b} up to that loss; the noise scale usually grows as the "
@@ -190,7 +191,7 @@ def next_step(st: Optional[Stage], batch: float, b_crit: float, monitor: str) ->
         return Line().add(f"Next: train at batch ≈ {round_batch(b_crit)} early and grow the batch as B_simple "
                           f"grows (B_simple ≈ {fmt_num(st.last)} by the end of this run), scaling the learning "
                           f"rate by the rule above; {monitor}.")
-    if not math.isfinite(st.interval[1]):
+    if lower_bound or not math.isfinite(st.interval[1]):
         return Line().add(f"Next: batches up to at least ≈ {b} still pay at this stage; the upper end needs more "
                           f"measured steps ({monitor}).")
     if grew(st):

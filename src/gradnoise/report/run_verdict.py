@@ -42,13 +42,15 @@ def _preconditioned(steps: Sequence[Dict[str, Any]]) -> Optional[Tuple[float, Tu
 
 
 def _flags(steps: Sequence[Dict[str, Any]]) -> Counter:
-    """Why steps were skipped or left undefined: flag -> count."""
-    return Counter(s.get("flag") or (s.get("raw") or {}).get("flag") or "skipped"
+    """Why steps were skipped or left undefined: flag -> count (``undefined``: a step whose
+    own numbers are fine but whose smoothed |G|² is not yet above zero)."""
+    return Counter(s.get("flag") or (s.get("raw") or {}).get("flag") or ("skipped" if s.get("skipped") else "undefined")
                    for s in steps if s.get("skipped") or (s.get("smoothed") or {}).get("b_simple") is None)
 
 
 FLAG_FIX = {"single_group": "one group per step: use ≥ 2 micro-batches per step with source='microbatch'",
-            "non_finite": "gradients not finite: a mixed-precision overflow?", "grad_sq_norm_nonpositive": "|G|² not yet above its noise"}
+            "non_finite": "gradients not finite: a mixed-precision overflow?", "grad_sq_norm_nonpositive": "|G|² not yet above its noise",
+            "undefined": "the smoothed |G|² not yet above zero"}
 
 
 def _flag_text(flags: Counter) -> str:
@@ -92,8 +94,8 @@ def run_verdict(run: Input, anchor_id: str) -> TaskVerdict:
                            why_not=f"{basis} is not determined from these steps ({iv_text(iv)})")
     batch, lower = answer(value, iv)
     v = TaskVerdict(run.path.name, True, because, Line(), round_batch(batch), lower, basis, optimizer=name)
-    _learning_rate(v, st, opt, steps, value, anchor_id)
-    v.next_step = next_step(st, batch, math.nan, MONITOR)
+    _learning_rate(v, st, opt, steps, batch, anchor_id)
+    v.next_step = next_step(st, batch, math.nan, MONITOR, lower)
     return v
 
 
