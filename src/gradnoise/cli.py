@@ -17,9 +17,9 @@ import warnings
 from typing import List, Optional
 
 from . import __version__
-from .report.fmt import fmt_num
-from .studies.models import MODELS
-from .studies.registry import NAMES
+from .numbers import fmt_num
+from .studies.names import MODEL_NAMES as MODELS
+from .studies.names import STUDY_NAMES as NAMES
 
 DEFAULT_OUT = "gradnoise-report"
 

@@ -476,3 +476,10 @@ def test_adam_sqrt_rereads_the_second_moments_every_precond_every_records():
     assert seen[1] == seen[2] == seen[3] and seen[4] != seen[3] and seen[4] == seen[5] == seen[6] != seen[7]
     with pytest.raises(ValueError, match="precond_every"):
         AdaScale(opt, mon, base_batch_size=4, mode="adam-sqrt", precond_every=0)
+
+
+def test_gain_ratio_is_the_adascale_rule_with_b_noise_from_the_moments():
+    from gradnoise.stats import rules
+
+    for t, g, b in [(64.0, 1.0, 128), (3.0, 0.5, 8), (1e-3, 2.0, 512), (40.0, 1.0, 16)]:
+        assert gain_ratio(t, g, b, 32) == pytest.approx(rules.adascale(32, b, t / g), rel=1e-12)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from gradnoise.stats.fits import fit_hyperbolic, frontier_examples
+from gradnoise.stats.fits import HyperbolicFit, fit_hyperbolic, frontier, frontier_examples
 
 B = np.array([8, 16, 32, 64, 128, 256, 512], dtype=float)
 
@@ -53,3 +53,13 @@ def test_frontier_is_the_hyperbola():
     e = frontier_examples(s, 100.0, 2000.0)
     assert np.allclose((s / 100 - 1) * (e / 2000 - 1), 1.0)
     assert math.isclose(e[-1], 2000 * (1 + 1 / 3))
+
+
+def test_one_frontier_gives_steps_law_and_hyperbola():
+    b = np.array([5.0, 20.0, 80.0])
+    s, e = frontier(b, 100.0, 20.0)                        # S_min 100, B_crit 20, E_min 2000
+    assert np.allclose(s, 100 * (1 + 20 / b)) and np.allclose(e, s * b)
+    assert np.allclose((s / 100 - 1) * (e / 2000 - 1), 1.0)
+    assert np.allclose(frontier_examples(s, 100.0, 2000.0), e)
+    fit = HyperbolicFit(100.0, 20.0, (10.0, 40.0), 0.0, None, 1)
+    assert np.allclose(fit(b), s)

@@ -161,7 +161,7 @@ def test_section_of_the_tiny_run(tiny_run, tmp_path):
     for word in ("client heterogeneity against sampling noise", "between share per sample", "Dir(α)",
                  "drift × IID", "FedProx"):
         assert word in visible, word
-    # the whole page builds with the section passed in (the registry wires it separately)
+    # the whole page builds with the section passed in (the report's own table wires it too)
     check_page(build_report([path], tmp_path / "rep", sections={"federated": federated_section}))
 
 

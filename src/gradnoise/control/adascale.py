@@ -49,6 +49,7 @@ from torch import nn
 from ..errors import GradNoiseError
 from ..monitor import names as _names
 from ..monitor.precond import Preconditioner
+from ..stats import rules
 
 MODES = ("sgd", "adam-sqrt")
 BatchSize = Union[None, int, float, Callable[[], float]]
@@ -57,7 +58,8 @@ _NAN2 = (math.nan, math.nan)
 
 
 def gain_ratio(trace_cov: float, grad_sq_norm: float, batch_size: float, base_batch_size: float) -> float:
-    """AdaScale's gain ``r = (tr Σ/B₀ + |G|²) / (tr Σ/B + |G|²)``.
+    """AdaScale's gain ``r = (tr Σ/B₀ + |G|²) / (tr Σ/B + |G|²)``: the learning-rate rule
+    :func:`gradnoise.stats.rules.adascale` with ``B_noise = tr Σ/|G|²``.
 
     Args:
         trace_cov: ``tr Σ``, the per-sample gradient covariance trace (summed over the
@@ -79,7 +81,9 @@ def gain_ratio(trace_cov: float, grad_sq_norm: float, batch_size: float, base_ba
     T, G = max(T, 0.0), max(G, 0.0)
     if T == 0.0 and G == 0.0:
         return math.nan
-    return _clip((T / B0 + G) / (T / B + G), B / B0)
+    if G == 0.0:  # all noise: B_noise = inf, the limit of the rule is B/B₀
+        return _clip(B / B0, B / B0)
+    return _clip(rules.adascale(B0, B, T / G), B / B0)  # the rule with B_noise = tr Σ/|G|²
 
 
 def _clip(r: float, scale: float) -> float:

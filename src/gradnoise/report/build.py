@@ -11,6 +11,7 @@ from . import html as h
 from .files import RUN_FORMAT, Input, load
 from .fmt import fmt_text, slug
 from .noise_sections import run_section
+from .section_table import SECTIONS
 from .verdict import TaskVerdict, text_lines, verdicts
 
 Sections = Mapping[str, Callable]
@@ -125,11 +126,7 @@ def _write_figures(sections: Sequence[h.Section], folder: Path) -> None:
 
 
 def _table(sections: Optional[Sections]) -> Sections:
-    if sections is not None:
-        return sections
-    from ..studies.registry import sections as registered  # the study registry's table of sections
-
-    return registered()
+    return SECTIONS if sections is None else sections
 
 
 def _load_all(files: Sequence["os.PathLike[str] | str"], table: Sections) -> List[Input]:
@@ -171,7 +168,7 @@ def build_report(files: Sequence["os.PathLike[str] | str"], out_dir: "os.PathLik
         out_dir: the output folder (created if missing).
         title: the page's title.
         sections: study name -> section builder, in the page's order (default: the
-            study registry's, :func:`gradnoise.studies.registry.sections`).
+            report's own table, :data:`gradnoise.report.section_table.SECTIONS`).
         failures: ``"<study> on <task>: <error>"`` for each study that failed in the run
             that produced the files: the page says it is incomplete (and, for those whose
             file is among ``files``, that it is from an earlier run).

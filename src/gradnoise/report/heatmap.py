@@ -16,6 +16,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.patheffects import withStroke
 
+from ..stats.rules import optimal_lr
 from .figures import Plot, finish, log_spaced, new_figure, note_empty
 from .fmt import fmt_count, fmt_num, to_float
 
@@ -110,7 +111,8 @@ def _fit_curve(ax: Axes, bs: np.ndarray, lrs: np.ndarray, fit: Any, label: str, 
     if not (math.isfinite(eps_max) and eps_max > 0 and math.isfinite(b_noise) and b_noise >= 0):
         return
     grid_b = log_spaced(float(bs[0]), float(bs[-1])) if bs[-1] > bs[0] else bs
-    fx, fy = log_index(grid_b, bs), log_index(eps_max / (1 + b_noise / grid_b), lrs)
+    eps = np.array([optimal_lr(float(b), eps_max, b_noise) for b in grid_b])  # the law, from stats.rules
+    fx, fy = log_index(grid_b, bs), log_index(eps, lrs)
     inside = np.isfinite(fx) & np.isfinite(fy) & (fy >= -0.5) & (fy <= lrs.size - 0.5)
     if inside.any():
         ax.plot(fx[inside], fy[inside], linewidth=2, label=label, **style)

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..control import advise
+from ..stats.advice import advise
 from . import html as h
 from .figures import Plot
 from .files import Input

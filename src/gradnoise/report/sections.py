@@ -221,7 +221,7 @@ def advice(rec: Dict[str, Any], stem: str, what: str, run_file: Any = None,
     """The recommendation's key numbers, its rules table and figure.
 
     Args:
-        rec: a recommend summary line, or :func:`gradnoise.control.advise`'s dict.
+        rec: a recommend summary line, or :func:`gradnoise.stats.advice.advise`'s dict.
         stem: the figure's file stem.
         what: the run's name for the alt text.
         run_file: the run file's name to show, if any.

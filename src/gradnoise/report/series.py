@@ -97,7 +97,7 @@ class StepCounts:
         measured: step lines in the file ("measured steps").
         skipped: those the monitor did not fold into its averages.
         defined: those not skipped whose smoothed ``B_simple`` is defined: the steps
-            the advice can read (:func:`gradnoise.control.advise`'s ``steps``).
+            the advice can read (:func:`gradnoise.stats.advice.advise`'s ``steps``).
     """
 
     measured: int

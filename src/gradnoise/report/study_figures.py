@@ -11,12 +11,13 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 from matplotlib.axes import Axes
 
+from ..stats.fits import frontier
+from ..stats.smoothing import Z95
 from .figures import (COLORS, Plot, finish, legend, limits, log_axis, log_spaced, new_figure, note_empty,
                       value_ticks)
 from .fmt import floats, fmt_count, interval, to_float
 
 Lines = Sequence[Dict[str, Any]]
-Z95 = 1.96
 
 
 def _column(lines: Lines, key: str) -> np.ndarray:
@@ -106,9 +107,9 @@ def _frontier_panel(ax: Axes, best: Lines, summary: Dict[str, Any]) -> None:
                     fontsize=7)
     s_min, e_min = to_float(summary.get("s_min")), to_float(summary.get("e_min"))
     if math.isfinite(s_min) and math.isfinite(e_min) and s_min > 0 and e_min > 0:
-        u = log_spaced(1e-2, max(float(steps[keep].max()) / s_min * 2.0, 2.0) - 1.0 + 1e-2)
-        ax.plot(s_min * (1 + u), e_min * (1 + 1 / u), color=COLORS[1],
-                label="fit (S/S_min − 1)(E/E_min − 1) = 1")
+        u = log_spaced(1e-2, max(float(steps[keep].max()) / s_min * 2.0, 2.0) - 1.0 + 1e-2)  # u = B_crit/B
+        b_crit = e_min / s_min
+        ax.plot(*frontier(b_crit / u, s_min, b_crit), color=COLORS[1], label="fit (S/S_min − 1)(E/E_min − 1) = 1")
         ax.axvline(s_min, color="#888888", linestyle=":", linewidth=1, label="S_min, E_min")
         ax.axhline(e_min, color="#888888", linestyle=":", linewidth=1)
     log_axis(ax, "x")
@@ -149,8 +150,7 @@ def _steps_panel(ax: Axes, runs: Lines, best: Lines, summary: Dict[str, Any]) ->
     grid = log_spaced(float(b[keep].min()) / 2, float(b[keep].max()) * 2)
     s_min, b_crit = to_float(summary.get("s_min")), to_float(summary.get("b_crit"))
     if math.isfinite(s_min) and math.isfinite(b_crit) and s_min > 0 and b_crit > 0:
-        ax.plot(grid, s_min * (1 + b_crit / grid), color=COLORS[1],
-                label="fit S_min(1 + B_crit/B)")
+        ax.plot(grid, frontier(grid, s_min, b_crit)[0], color=COLORS[1], label="fit S_min(1 + B_crit/B)")
     ax.set_xlim(grid[0], grid[-1])
     value_ticks(ax, "x", b[keep])
     _vertical(ax, b_crit, summary.get("b_crit_interval"), COLORS[1], "B_crit (95 % interval)")
@@ -173,7 +173,7 @@ def critical_figure(runs: Lines, best: Lines, summary: Dict[str, Any], name: str
 
 
 # The rules as the recommendation's text writes them: AdaScale's gain uses the measured
-# noise scale B_simple (:func:`gradnoise.control.advise`), not the fitted B_noise of lr-batch.
+# noise scale B_simple (:func:`gradnoise.stats.advice.advise`), not the fitted B_noise of lr-batch.
 RULE_LABELS = (("linear", "linear  B′/B"), ("sqrt", "square root  √(B′/B)"),
                ("adascale", "AdaScale  (1 + B_simple/B)/(1 + B_simple/B′)"))
 

@@ -104,8 +104,19 @@ def fit_hyperbolic(batch_sizes: Sequence[float], values: Sequence[float], s: flo
     return HyperbolicFit(math.exp(loga), math.exp(logc), interval, math.sqrt(sse / len(b)), at_bound, s)
 
 
-def frontier_examples(steps: np.ndarray, s_min: float, e_min: float) -> np.ndarray:
-    """``E`` on the curve ``(S/S_min − 1)(E/E_min − 1) = 1`` for ``S > S_min``."""
-    steps = np.asarray(steps, dtype=float)
-    return e_min * (1.0 + 1.0 / (steps / s_min - 1.0))
+def frontier(b: np.ndarray, s_min: float, b_crit: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Steps and examples to the target at batch sizes ``b`` (shape ``[n]``), on the law
+    ``S(B) = S_min (1 + B_crit/B)`` and ``E = S·B = E_min (1 + B/B_crit)`` with
+    ``E_min = S_min B_crit``: the points of the frontier ``(S/S_min − 1)(E/E_min − 1) = 1``
+    (``B_crit/B`` times ``B/B_crit``). Returns ``(S, E)``, each of shape ``[n]``."""
+    b = np.asarray(b, dtype=float)
+    steps = s_min * (1.0 + b_crit / b)
+    return steps, steps * b
 
+
+def frontier_examples(steps: np.ndarray, s_min: float, e_min: float) -> np.ndarray:
+    """``E`` on the curve ``(S/S_min − 1)(E/E_min − 1) = 1`` for ``S > S_min``: the
+    :func:`frontier` at the batch size ``B = B_crit/(S/S_min − 1)`` that takes ``S`` steps."""
+    b_crit = e_min / s_min
+    b = b_crit / (np.asarray(steps, dtype=float) / s_min - 1.0)
+    return frontier(b, s_min, b_crit)[1]

@@ -63,6 +63,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ..capture import capture
+from ..numbers import fmt_num, fmt_with_interval
 from ..stats.clients import ClientMoments, ClientNoise, client_moments, decompose
 from ..stats.intervals import mean_interval
 from .online import split
@@ -461,8 +462,6 @@ def _summary(runs, sizes, cfg: FederatedConfig, test_size: int) -> dict:
 def summary_line(s: dict) -> str:
     """One line for the end of ``gradnoise study``: per α the between-client share of the
     noise, B², the client drift against IID and the final test loss."""
-    from ..report.fmt import fmt_num, fmt_with_interval
-
     parts = []
     for p in s.get("alphas") or []:
         share = p.get("between_share") or {}

@@ -26,6 +26,8 @@ from typing import Tuple
 
 import numpy as np
 
+from ..stats.smoothing import Z95
+
 
 @dataclass(frozen=True)
 class Landscape:
@@ -97,7 +99,7 @@ def walk(land: Landscape, z: np.ndarray, lr: float, batch: int, steps: int, walk
     return theta[:, 0], level
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> Tuple[float, float]:
+def wilson(k: int, n: int, z: float = Z95) -> Tuple[float, float]:
     """Wilson's 95 % interval for a proportion ``k/n`` (inside [0, 1])."""
     if n == 0:
         return float("nan"), float("nan")

@@ -40,6 +40,7 @@ from scipy.stats import spearmanr
 from ..monitor import NoiseMonitor
 from ..monitor import names as _names
 from ..monitor.smoother import NoiseSmoother
+from ..numbers import fmt_num, fmt_with_interval
 from .lm_warmup import METHODS, warmup
 from .output import StudyWriter, num
 from .progress import bar
@@ -265,8 +266,6 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
 
 def summary_line(s: dict) -> str:
     """One line for the end of ``gradnoise study``."""
-    from ..report.fmt import fmt_num, fmt_with_interval
-
     g, ln = s.get("growth") or {}, s.get("layernorm") or {}
     parts = []
     if g.get("first") and g.get("last"):

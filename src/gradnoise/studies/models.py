@@ -6,7 +6,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-MODELS = ("mlp", "cnn", "transformer")
+from .names import MODEL_NAMES as MODELS
 
 
 class LearnedPosition(nn.Module):

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 
 from ..monitor.window import WindowNoise
+from ..numbers import fmt_num, fmt_with_interval
 from ..stats.intervals import mean_interval
 from .online_parts import Method, accuracies, groups_of, lr_of, split, stream, update_draws
 from .output import StudyWriter, num
@@ -330,8 +331,6 @@ def _summary(rows, cfg: OnlineConfig, groups, test_size: int, names) -> dict:
 def summary_line(s: dict) -> str:
     """One line for the end of ``gradnoise study``: final accuracy on the current and the
     earlier classes, forgetting, and the update noise-to-signal ratio per method."""
-    from ..report.fmt import fmt_num, fmt_with_interval
-
     parts = []
     for name, m in (s.get("methods") or {}).items():
         def mi(k):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..optim import MARS, STORM, SVRG
+from ..stats.smoothing import Z95
 from .output import StudyWriter, num
 from .progress import bar
 from .task import Task
@@ -126,7 +127,7 @@ def noise_to_signal(u: np.ndarray) -> Tuple[float, float, float]:
 
 def _interval(u: np.ndarray, ratio: float) -> List[float]:
     """A 95 % interval of the ratio from the jackknife over the draws, on the log scale
-    (``ratio·exp(±1.96·se)``, ``se`` the jackknife standard error of ``log ratio``); the
+    (``ratio·exp(±Z95·se)``, ``se`` the jackknife standard error of ``log ratio``); the
     upper end is ``inf`` when leaving out one draw leaves no positive signal."""
     if not (math.isfinite(ratio) and ratio > 0):
         return [math.nan, math.nan]
@@ -139,7 +140,7 @@ def _interval(u: np.ndarray, ratio: float) -> List[float]:
         logs.append(math.log(r))
     logs = np.array(logs)
     se = math.sqrt((k - 1) / k * float(np.sum((logs - logs.mean()) ** 2)))
-    return [ratio * math.exp(-1.96 * se), ratio * math.exp(1.96 * se)]
+    return [ratio * math.exp(-Z95 * se), ratio * math.exp(Z95 * se)]
 
 
 def _sgd_variance(model, task: Task, b: int, draws: int, gen) -> float:

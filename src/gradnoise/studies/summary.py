@@ -1,11 +1,11 @@
 """One line per study result, for the end of ``gradnoise study``. Numbers are printed as
-on the report's page (:mod:`gradnoise.report.fmt`): "—" for an undefined one, "≥ 66"
+on the report's page (:mod:`gradnoise.numbers`): "—" for an undefined one, "≥ 66"
 for a lower bound, "not determined" for an interval with no bound."""
 from __future__ import annotations
 
 from typing import Optional
 
-from ..report.fmt import fmt_count, fmt_num, fmt_with_interval
+from ..numbers import fmt_count, fmt_num, fmt_with_interval
 
 
 def law_line(s: dict) -> str:
@@ -17,7 +17,7 @@ def law_line(s: dict) -> str:
 def trajectory_line(s: dict) -> str:
     first = fmt_with_interval(s.get("b_simple_first"), s.get("b_simple_first_interval"))
     at = f" at step {s['b_simple_first_step']}" if s.get("b_simple_first_step") is not None else ""
-    return (f"final loss {fmt_num(s.get('final_loss'), 4)}; smoothed B_simple {first}{at} "
+    return (f"final loss {fmt_num(s.get('final_loss'))}; smoothed B_simple {first}{at} "
             f"-> {fmt_with_interval(s.get('b_simple_last'), s.get('b_simple_interval'))} at the end")
 
 
