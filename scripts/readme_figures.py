@@ -30,7 +30,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -39,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BLOCKS = ("run", "verdict", "table")
 SIDECAR = "readme-figures.json"
-WIDTH = 100  # the verdict's lines, folded for the README
 TABLE_HEAD = "| study | task | measured (the command's summary line) |\n|---|---|---|"
 
 
@@ -103,25 +101,11 @@ def _duration(seconds: float) -> str:
     return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
-_NBSP = "\u00a0"
-_GLUE = re.compile(r"\S+ %|≈ \S+|\[[^\]\n]*\]")
-
-
-def _wrap(line: str, width: int = WIDTH) -> str:
-    """One verdict line folded to ``width`` columns, a bullet's continuation indented
-    under its text (the words as printed)."""
-    body = line.lstrip(" ")
-    indent = " " * (len(line) - len(body))
-    more = indent + ("  " if body.startswith("- ") else "")
-    glued = _GLUE.sub(lambda m: m.group(0).replace(" ", _NBSP), body)  # "95 %", "≈ 23", "[0.2, 0.5]" stay whole
-    return textwrap.fill(glued, width, initial_indent=indent, subsequent_indent=more, break_long_words=False,
-                         break_on_hyphens=False).replace(_NBSP, " ")
-
-
 def render(folder: Path, torch_version: str, cores: Optional[int], seconds: Optional[float]) -> Dict[str, str]:
     """The README's generated blocks (name -> text between its markers) from the study
     files in ``folder``."""
     from gradnoise.report import verdict_lines
+    from gradnoise.report.verdict import WIDTH
     from gradnoise.studies.registry import get
 
     files = study_files(folder)
@@ -135,8 +119,8 @@ def render(folder: Path, torch_version: str, cores: Optional[int], seconds: Opti
     run = (f"From one `gradnoise study` run ({'; '.join(when)}){took}: {len(studies)} studies, "
            f"{len(files)} study files. `python scripts/readme_figures.py` writes this sentence, the verdict and "
            "the table below from such a run (`--check` compares them with this README).")
-    lines = verdict_lines(sorted(p for _, _, p in files))  # in the command's order: it follows the files'
-    verdict = "```\n" + "\n".join(_wrap(x) for x in lines) + "\n```"
+    lines = verdict_lines(sorted(p for _, _, p in files), width=WIDTH)  # in the command's order: it follows the files'
+    verdict = "```\n" + "\n".join(lines) + "\n```"
     rows = [TABLE_HEAD]
     for header, summary, _ in files:
         line = get(header["study"]).line(_summary_body(summary))

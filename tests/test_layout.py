@@ -131,3 +131,18 @@ def test_the_report_table_and_the_command_line_know_every_study():
 
     assert tuple(SECTIONS) == registry.NAMES == names.STUDY_NAMES
     assert models.MODELS == names.MODEL_NAMES
+
+
+OPTIONAL = ("lightning", "pytorch_lightning", "flwr", "selenium", "transformers", "timm", "tensorboard")
+
+
+def test_the_main_job_needs_no_optional_package():
+    """Issue 19, finding 7: the README's first command installs only the base dependencies,
+    so ``gradnoise study`` must import none of the extras, and pyproject must not list them."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    code = ("import sys, json; from gradnoise import cli; from gradnoise.studies import runner, registry; "
+            "[registry.get(n) for n in registry.NAMES]; "
+            f"print(json.dumps(sorted(m for m in {OPTIONAL!r} if m in sys.modules)))")
+    assert json.loads(_fresh(code).strip().splitlines()[-1]) == []
+    base = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not [d for d in base if d.split(">")[0].split("=")[0].strip() in OPTIONAL]

@@ -164,6 +164,7 @@ def run_study(args, out=None) -> int:
     study listed as missing (exit 130)."""
     out = out or sys.stdout
     from .report import build_report, verdict_lines
+    from .report.verdict import WIDTH
     from .studies import registry, runner
 
     runner.set_threads(args.threads)
@@ -185,7 +186,7 @@ def run_study(args, out=None) -> int:
         if done:
             print(f"data files in {args.out}/", file=out)
     if not args.quiet and files:
-        for text in verdict_lines(files, failures):
+        for text in verdict_lines(files, failures, width=WIDTH):
             print(text, file=out)
     if page is not None:
         print(f"report: {page}" + (" (incomplete: see the errors below)" if failures else ""), file=out)
@@ -202,10 +203,11 @@ def run_report(args, out=None) -> int:
     """``gradnoise report``: the report of the given run files, its verdict and path."""
     out = out or sys.stdout
     from .report import build_report, verdict_lines
+    from .report.verdict import WIDTH
 
     page = build_report(args.runs, args.out)
     if not args.quiet:
-        for text in verdict_lines(args.runs):
+        for text in verdict_lines(args.runs, width=WIDTH):
             print(text, file=out)
     print(f"report: {page}", file=out)
     return 0

@@ -141,15 +141,16 @@ def _load_all(files: Sequence["os.PathLike[str] | str"], table: Sections) -> Lis
 
 
 def verdict_lines(files: Sequence["os.PathLike[str] | str"], failures: Sequence[str] = (),
-                  sections: Optional[Sections] = None) -> List[str]:
+                  sections: Optional[Sections] = None, width: Optional[int] = None) -> List[str]:
     """The page's verdict as plain-text lines (what ``gradnoise study`` and ``gradnoise
-    report`` print last); ``failures`` are ``"<study> on <task>: <error>"`` lines.
+    report`` print last, folded to ``width`` columns; one line per sentence without it);
+    ``failures`` are ``"<study> on <task>: <error>"`` lines.
 
     Raises:
         ValueError: as :func:`build_report`.
     """
     inputs = _load_all(files, _table(sections))
-    return text_lines(verdicts(inputs, _stems(inputs)), failures)
+    return text_lines(verdicts(inputs, _stems(inputs)), failures, width)
 
 
 def build_report(files: Sequence["os.PathLike[str] | str"], out_dir: "os.PathLike[str] | str",

@@ -25,6 +25,8 @@ inputs (:class:`~gradnoise.report.files.Input`).
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -189,10 +191,12 @@ def _learning_rate(v: TaskVerdict, lrb: Dict[str, Any], lr_a: str, st: Optional[
     if not lrb:
         if st is None or not math.isfinite(st.batch_size):
             return None
-        v.lr_factor, v.lr_rule, v.lr_anchor = rules.adascale(st.batch_size, b, st.last), "adascale", st.anchor
+        b_noise = st.interval[0] if v.lower_bound else st.last  # the value the batch rests on
+        v.lr_factor, v.lr_rule, v.lr_anchor = rules.adascale(st.batch_size, b, b_noise), "adascale", st.anchor
         return (Line().add(f"No learning-rate study: moving from the run's batch {fmt_count(st.batch_size)} to {b}, "
                            f"multiply a learning rate tuned at {fmt_count(st.batch_size)} by the AdaScale gain "
-                           "(1 + B_simple/B)/(1 + B_simple/B′) ≈ ").add(fmt_factor(v.lr_factor), st.anchor)
+                           f"(1 + B_simple/B)/(1 + B_simple/B′) with B_simple = {fmt_num(b_noise)}: ×")
+                .add(fmt_factor(v.lr_factor), st.anchor)
                 .add(" (gradnoise study lr-batch measures the rate itself)."))
     best = [(to_float(x), to_float(lr)) for x, lr in (lrb.get("best") or [])]
     best = [(x, lr) for x, lr in best if x > 0 and lr > 0]
@@ -260,16 +264,34 @@ def verdicts(inputs: Sequence[Input], stems: Sequence[str]) -> List[TaskVerdict]
     return [_task_verdict(g) for g in _group(inputs, stems)]
 
 
-def text_lines(found: Sequence[TaskVerdict], failures: Sequence[str] = ()) -> List[str]:
+WIDTH = 100  # the terminal's (and the README's) verdict lines, in columns
+_NBSP = "\u00a0"
+_GLUE = re.compile(r"\S+ %|≈ \S+|×\S+|\[[^\]\n]*\]")  # "95 %", "≈ 23", "×0.5", "[0.2, 0.5]" stay whole
+
+
+def _fold(line: str, width: int = WIDTH) -> List[str]:
+    """One line folded to ``width`` columns, a bullet's continuation indented under its text."""
+    body = line.lstrip(" ")
+    indent = " " * (len(line) - len(body))
+    more = indent + ("  " if body.startswith("- ") else "")
+    glued = _GLUE.sub(lambda m: m.group(0).replace(" ", _NBSP), body)
+    return [x.replace(_NBSP, " ") for x in textwrap.wrap(glued, width, initial_indent=indent, subsequent_indent=more,
+                                                           break_long_words=False, break_on_hyphens=False)]
+
+
+def text_lines(found: Sequence[TaskVerdict], failures: Sequence[str] = (), width: Optional[int] = None) -> List[str]:
     """The verdict as plain text lines, for the end of ``gradnoise study`` / ``report``:
-    per task its headline, its reasons and its next step."""
+    per task its headline, its reasons and its next step; folded to ``width`` columns (a
+    longer word stays whole) where given, else one line per sentence."""
     out = ["verdict:"]
     for v in found:
         out.append(f"  {v.name}: {v.headline.text}")
         out += [f"    - {b.text}" for b in v.because]
         out.append(f"    {v.next_step.text}")
     out += [f"  not in this verdict: {f}" for f in failures]
-    return out if len(out) > 1 else []
+    if len(out) == 1:
+        return []
+    return [x for line in out for x in _fold(line, width)] if width else out
 
 
-__all__ = ["Line", "TaskVerdict", "anchor", "rule_fits", "supported_rule", "text_lines", "verdicts"]
+__all__ = ["Line", "TaskVerdict", "anchor", "rule_fits", "supported_rule", "text_lines", "verdicts", "WIDTH"]

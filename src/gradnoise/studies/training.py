@@ -44,7 +44,7 @@ def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, task: Task, idx: torc
     loss = task.loss_fn(model(task.x[idx]), task.y[idx])
     loss.backward()
     if monitor is not None:
-        monitor.step()
+        monitor.step(loss=loss)
     opt.step()
     return float(loss.detach())
 

@@ -55,7 +55,7 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
             bar(cfg.steps, f"trajectory {task.name}", quiet) as progress:
         # the run file is staged with the study file: a failed run leaves the old pair
         monitor = NoiseMonitor(model, source="per_sample", sinks=[JsonlSink(w.companion(run_name))],
-                               every=cfg.every, beta=cfg.beta)
+                               every=cfg.every, beta=cfg.beta, optimizer=opt)
         try:
             for step in range(cfg.steps):
                 loss = sgd_step(model, opt, task, next(it), monitor)
