@@ -139,27 +139,20 @@ def variants(model: nn.Module, x, y) -> Dict[str, Callable[[], None]]:
         with _PassThrough():
             plain()
 
-    hooks: List = []
+    def hooked(add: Callable[[nn.Module], List]) -> Callable[[], None]:
+        """A plain step with ``add(module)``'s hooks on every module, removed after it."""
+        def step():
+            hooks = [h for m in model.modules() for h in add(m)]
+            try:
+                plain()
+            finally:
+                for h in hooks:
+                    h.remove()
+        return step
 
-    def module_hooks():
-        hooks.extend(m.register_full_backward_hook(lambda *a: None) for m in model.modules())
-        try:
-            plain()
-        finally:
-            for h in hooks:
-                h.remove()
-            hooks.clear()
-
-    def leaf_hooks():
-        for m in model.modules():
-            if next(m.parameters(recurse=False), None) is not None:
-                hooks.append(m.register_forward_hook(_tensor_hook))
-        try:
-            plain()
-        finally:
-            for h in hooks:
-                h.remove()
-            hooks.clear()
+    module_hooks = hooked(lambda m: [m.register_full_backward_hook(lambda *a: None)])
+    leaf_hooks = hooked(lambda m: [m.register_forward_hook(_tensor_hook)]
+                        if next(m.parameters(recurse=False), None) is not None else [])
 
     monitor10 = monitored_block(model, x, y, "per_sample", 10)
 

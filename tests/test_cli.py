@@ -290,14 +290,7 @@ def test_help_and_errors_show_the_file_form_of_task(tmp_path, capsys):
     assert "examples/my_task.py:task" in capsys.readouterr().err
 
 
-BN_OR_NOT = (
-    "import os, torch\n"
-    "def task():\n"
-    "    x = torch.randn(64, 4); y = (x[:, 0] > 0).long()\n"
-    "    mid = torch.nn.BatchNorm1d(8) if os.environ.get('GRADNOISE_TEST_BN') else torch.nn.Tanh()\n"
-    "    return torch.nn.Sequential(torch.nn.Linear(4, 8), mid, torch.nn.Linear(8, 2)), (x, y), "
-    "torch.nn.functional.cross_entropy\n"
-)
+from test_user_findings import BN_TASK as BN_OR_NOT  # noqa: E402  (a task with BatchNorm or not)
 
 
 def test_skipped_studies_are_notes_on_the_page_not_failures(tmp_path, capsys):
