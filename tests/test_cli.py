@@ -316,3 +316,65 @@ def test_an_incomplete_run_names_an_earlier_run_only_where_its_file_is_there(tmp
     page = (out / "index.html").read_text()
     assert "This run is incomplete" in page
     assert "shown below for trajectory on t is from an earlier run" in page and "for law on t" not in page
+
+
+# ------------------------------------------------------------------ gradnoise schedule
+def _schedule_run(path, values, family="adam", tps=128):
+    """A gradnoise-run file whose smoothed (preconditioned, for Adam) B_simple is ``values``."""
+    from gradnoise.formats import json_safe, run_header
+
+    lines = [run_header("per_sample", 1, 0.95, ["w"], optimizer={"class": "AdamW", "family": family, "lr": 1e-3})]
+    for t, v in enumerate(values):
+        noise = {"smoothed": {"b_simple": v}, "b_simple_interval": [None if v is None else 0.5 * v, "inf"]}
+        lines.append({"type": "step", "step": t, "batch_size": 32, "tokens_per_sample": tps, "lr": 1e-3,
+                      "loss": 1.0, **noise, "preconditioned": noise if family == "adam" else None})
+    path.write_text("".join(json.dumps(json_safe(x)) + "\n" for x in lines))
+    return path
+
+
+def test_schedule_cli_four_formats(tmp_path):
+    import csv
+    import re
+
+    run = _schedule_run(tmp_path / "run.jsonl", [20.0 * 1.05 ** t for t in range(120)])
+    table = gradnoise("schedule", run, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert "preconditioned B_simple" in table.stdout and "sqrt rule for the adam" in table.stdout
+    assert "from tokens" in table.stdout and "uncalibrated" in table.stdout
+    rows = list(csv.DictReader(gradnoise("schedule", run, "--format", "csv", timeout=120).stdout.splitlines()))
+    sizes = [int(r["batch_size"]) for r in rows]
+    assert sizes[0] == 32 and len(sizes) > 3 and all(b == 2 * a for a, b in zip(sizes, sizes[1:]))
+    assert all(int(r["tokens"]) == 128 * int(r["samples"]) for r in rows)
+    obj = json.loads(gradnoise("schedule", run, "--format", "json", "--max", "512", timeout=120).stdout)
+    assert obj["format"] == "gradnoise-schedule" and obj["units"]["samples"] and obj["lr_rule"] == "sqrt"
+    assert obj["segments"][-1]["batch_size"] == 512 and obj["segments"][-1]["tokens_per_batch"] == 512 * 128
+    assert [s["batch_size"] for s in obj["segments"]] == [b for b in sizes if b <= 512]
+    meg = gradnoise("schedule", run, "--format", "megatron", "--max", "512", timeout=120)
+    m = re.match(r"--rampup-batch-size (\d+) (\d+) (\d+) --global-batch-size (\d+)\n", meg.stdout)
+    assert m and int(m.group(1)) == 32 and int(m.group(4)) == 512 and (512 - 32) % int(m.group(2)) == 0
+
+
+def test_schedule_cli_calibration_and_one_line_errors(tmp_path):
+    run = _schedule_run(tmp_path / "run.jsonl", [20.0 * 1.05 ** t for t in range(80)], family="sgd", tps=None)
+    from probe_synth import probe_object
+    probe = probe_object()
+    probe["mccandlish"]["b_noise"] = 160.0
+    probe["proxy"].update(b_simple=40.0, ratio=4.0, preconditioned_ratio=None, preconditioned_ratio_interval=[None, None])
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    plain = json.loads(gradnoise("schedule", run, "--format", "json", timeout=120).stdout)
+    cal = gradnoise("schedule", run, "--format", "json", "--calibration", tmp_path / "probe.json", timeout=120)
+    cal = json.loads(cal.stdout)
+    assert cal["calibration"]["ratio"] == 4.0 and cal["lr_rule"] == "adascale"
+    assert cal["segments"][-1]["batch_size"] == 4 * plain["segments"][-1]["batch_size"]
+    assert cal["segments"][1]["samples"] < plain["segments"][1]["samples"]
+    # an Adam run needs the preconditioned ratio: null there is no calibration, said once
+    adam = _schedule_run(tmp_path / "adam.jsonl", [20.0 * 1.05 ** t for t in range(80)])
+    none = gradnoise("schedule", adam, "--calibration", tmp_path / "probe.json", timeout=120)
+    assert none.returncode == 0 and "warning: no calibration: the probe file's proxy.preconditioned_ratio is null" \
+        in none.stderr and "no calibration" in none.stdout
+    empty = _schedule_run(tmp_path / "empty.jsonl", [None] * 5)
+    for args in ([empty], [run, "--factor", "1"], [run, "--factor", "2.5"], [run, "--min", "64", "--max", "32"],
+                 [run, "--calibration", run], [run, "--calibration", tmp_path / "missing.json"]):
+        r = gradnoise("schedule", *args, timeout=120)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert r.stderr.startswith("gradnoise: error: ")

@@ -38,6 +38,7 @@ _LAZY: Dict[str, Tuple[str, Any]] = {
     "MetricsLoggerSink": (".monitor.sinks", "MetricsLoggerSink"),
     "TensorBoardSink": (".monitor.sinks", "TensorBoardSink"),
     "NoiseStats": (".stats.noise", "NoiseStats"),
+    "probe": (".control.probe", "probe"),
 }
 
 
@@ -66,6 +67,7 @@ __all__ = [
     "TensorBoardSink",
     "WindowNoise",
     "WindowStats",
+    "probe",
     "read_run",
     "CaptureStateError",
     "FallbackError",

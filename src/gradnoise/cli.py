@@ -5,6 +5,7 @@ line and a non-zero exit (``--debug`` shows the traceback).
         (SPEC: digits-mlp, digits-cnn, path/to/file.py:function or package.module:function)
     gradnoise report RUN.jsonl [...] [--out DIR]
     gradnoise measure [--model mlp|cnn|transformer | --task SPEC] [--batch-size B] [--json]
+    gradnoise schedule RUN.jsonl [--calibration probe.json] [--format table|csv|json|megatron] [...]
     gradnoise --version
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     r.add_argument("--quiet", action="store_true", help="print only the report's path")
     _debug_option(r)
+    _schedule_parser(sub)
     return p
 
 
@@ -75,6 +77,52 @@ def _study_parser(sub) -> None:
     s.add_argument("--threads", type=_threads, help="torch threads (default 1: the studies' models are tiny, and "
                                                     "one thread stays fast when the machine is busy)")
     _debug_option(s)
+
+
+def _schedule_parser(sub) -> None:
+    s = sub.add_parser("schedule", help="a batch-size schedule (and its learning rates) from a run file's noise scale",
+                       description="A batch-size schedule that only grows, in powers of --factor times a base "
+                                   "batch, following the run's smoothed B_simple (see gradnoise.control.schedule).")
+    s.add_argument("run", metavar="RUN.jsonl", help="a gradnoise-run file a NoiseMonitor wrote")
+    s.add_argument("--calibration", metavar="probe.json", help="scale the noise scale by the probe's ratio")
+    s.add_argument("--format", choices=("table", "csv", "json", "megatron"), default="table",
+                   help="table (default), csv, json (for AdaptiveBatchSampler(schedule=...)) or megatron "
+                        "(--rampup-batch-size)")
+    s.add_argument("--base", type=float, help="base batch (default: the run's first batch size)")
+    s.add_argument("--factor", type=float, default=2, help="sizes are base × factor^k (whole, ≥ 2; default 2)")
+    s.add_argument("--min", type=float, help="smallest batch (default: the base)")
+    s.add_argument("--max", type=float, help="largest batch (default: unbounded)")
+    s.add_argument("--margin", type=float, default=0.1, help="grow when the noise scale exceeds the next size by "
+                                                             "this fraction (default 0.1)")
+    s.add_argument("--patience", type=float, default=5, help="for this many logged steps in a row (default 5)")
+    s.add_argument("--criterion", choices=("low", "value"), default="low",
+                   help="low: the interval's lower end (default); value: the smoothed value")
+    s.add_argument("--lr-rule", choices=("linear", "sqrt", "adascale", "adam_sqrt"),
+                   help="default: sqrt for Adam-family and unknown optimizers, adascale for SGD")
+    _debug_option(s)
+
+
+def run_schedule(args, out=None) -> int:
+    """``gradnoise schedule``: read the run (and the probe), build, print in ``--format``."""
+    from .control import schedule as sc
+    from .control.schedule_text import render
+    from .formats import read_probe, read_run
+
+    def whole(v):
+        return int(v) if v is not None and float(v).is_integer() else v
+
+    probe = read_probe(args.calibration) if args.calibration else None
+    header, steps = read_run(args.run)
+    ratio = note = None
+    if probe is not None:
+        ratio, note = sc.calibration(probe, sc.basis_of(header, steps))
+        if ratio is None:  # printed, not warned: PYTHONWARNINGS=ignore must not hide it
+            print(f"gradnoise: warning: {note}", file=sys.stderr)
+    sched = sc.build(header, steps, base=whole(args.base), factor=whole(args.factor), min_batch=whole(args.min),
+                     max_batch=whole(args.max), margin=args.margin, patience=whole(args.patience),
+                     criterion=args.criterion, ratio=ratio, calibration_note=note, lr_rule=args.lr_rule)
+    print(render(sched, args.format), file=out or sys.stdout)
+    return 0
 
 
 def _floats(text: str) -> List[float]:
@@ -239,6 +287,8 @@ def _dispatch(args) -> int:
             return run_study(args)
         if args.command == "report":
             return run_report(args)
+        if args.command == "schedule":
+            return run_schedule(args)
         if args.command in (None, "measure"):
             from .studies.measure import measure
 

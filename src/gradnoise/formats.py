@@ -1,11 +1,13 @@
-"""The two file formats gradnoise writes, in one place: versions, encoding, readers and
-validation. The monitor writes run files, the studies write study files, the report
-reads both; none of them re-implements any of this.
+"""The file formats gradnoise writes, in one place: versions, encoding, readers and
+validation. The monitor writes run files, the studies write study files, the branch probe
+writes probe files, the report reads all three; none of them re-implements any of this.
 
-Both are JSON Lines: one object per line, each with a ``type``, appended and flushed line
-by line, so a reader sees every finished line while the writer runs and a killed writer
-leaves a readable prefix (a half-written last line is skipped with a warning). Numbers
-are encoded by :func:`json_safe`: an undefined number is ``null``, an infinite one
+Run and study files are JSON Lines: one object per line, each with a ``type``, appended
+and flushed line by line, so a reader sees every finished line while the writer runs and
+a killed writer leaves a readable prefix (a half-written last line is skipped with a
+warning). A probe file is one JSON object, written at once and atomically (a temporary
+file renamed over the target), so a reader sees the whole file or none. Numbers are
+encoded by :func:`json_safe`: an undefined number is ``null``, an infinite one
 ``"inf"`` / ``"-inf"`` — so "unbounded" and "undefined" stay apart. Readers refuse a
 version they do not know.
 
@@ -115,6 +117,55 @@ with unbounded ends written ``"inf"`` / ``"-inf"``):
     that stage, and the
     learning-rate multiplier each rule gives for moving from ``batch_size`` to
     ``to_batch``.
+
+``gradnoise-probe`` (the branch probe at one checkpoint), version 1: one JSON object,
+``<out>/probe-<task>.json``, written by ``gradnoise probe`` and ``gradnoise.probe(...).write``
+(:func:`write_probe`), read by :func:`read_probe`::
+
+    {"format": "gradnoise-probe", "version": 1, "created": "2026-…+00:00",
+     "task": "digits-mlp", "checkpoint": {"step": 300, "loss": 0.41},
+     "optimizer": {"class": "AdamW", "family": "adam", ...},
+     "base_batch": 32, "lr": 0.001, "lr_rule": "sqrt", "budget": 8192,
+     "batch_sizes": [16, 32, 64, 128, 256, 512], "seeds": 3,
+     "branches": [{"batch_size": 64, "seed": 0, "lr": 0.0014, "steps": 128, "diverged": false,
+                   "curve": [[samples, steps, held_out_loss], ...],
+                   "steps_to_target": 40.5, "examples_to_target": 2592.0,
+                   "loss_at_budget": 0.33}, ...],
+     "target_loss": 0.36,
+     "mccandlish": {"b_noise": 120.0, "interval": [80.0, 200.0], "s_min": 12.0, "e_min": 1440.0,
+                    "points": [[batch_size, median_steps_to_target], ...], "reason": null},
+     "merrill": {"b_crit": 128, "interval": [64, 256], "tolerance": 0.05, "best_loss": 0.31,
+                 "losses": [[batch_size, median_loss_at_budget, [low, high]], ...], "reason": null},
+     "proxy": {"b_simple": 40.0, "b_simple_interval": [30.0, 55.0],
+               "preconditioned": 90.0, "preconditioned_interval": [60.0, 140.0],
+               "ratio": 3.0, "ratio_interval": [1.5, 6.7],
+               "preconditioned_ratio": 1.3, "preconditioned_ratio_interval": [0.6, 3.3],
+               "batches": 8},
+     "seconds": 42.0}
+
+``checkpoint`` is the parent's step count (``null`` if unknown) and its held-out loss at
+the branch point; ``optimizer`` is :func:`gradnoise.monitor.precond.describe` of the
+parent's optimizer; ``base_batch`` and ``lr`` the parent's batch size and learning rate;
+``lr_rule`` how a branch's rate follows its batch size (``"sqrt"`` for the Adam family,
+``"linear"`` for SGD, or ``"adascale"``); ``budget`` the samples each branch may use (the
+fixed budget of Merrill's form). ``branches`` has one entry per (batch size, seed): its
+rate, steps taken, whether it diverged, its held-out loss ``curve`` evaluated along the
+branch (first point: the checkpoint), the steps and examples it took to reach
+``target_loss`` (``null`` if it did not) and its loss at the budget. ``mccandlish`` is the
+fit ``S = S_min (1 + B_noise/B)`` to the median steps to ``target_loss`` at each batch
+size (``points``); ``merrill`` the largest batch whose median loss at the budget stays
+within ``tolerance`` of the best (``losses``, each with its interval across seeds);
+``proxy`` the noise scale ``B_simple`` measured at the checkpoint on ``batches`` batches
+of ``base_batch`` — raw, and of an Adam-family optimizer's update direction
+(``preconditioned``: ``null`` unless the optimizer is of the Adam family and has state) —
+and ``ratio`` = ``mccandlish.b_noise / b_simple`` (``preconditioned_ratio`` likewise).
+Intervals are 95 %, ``[low, high]``, clipped to the quantity's domain (batch sizes ≥ 0),
+or ``null``; ``reason`` (or ``null``) says why a critical batch is missing (every batch
+equal, the bend outside the sweep). ``seconds`` is the probe's wall time. Where the probe
+tried several learning rates per batch size, ``lr_grid`` lists the multipliers of the
+rule's rate, each branch has its ``lr_multiplier``, and ``mccandlish`` / ``merrill`` have
+``multipliers`` (``[[batch_size, multiplier], ...]``, the one each reading used); these
+keys are optional, and readers ignore keys they do not know.
 """
 from __future__ import annotations
 
@@ -131,7 +182,10 @@ RUN_VERSIONS = (1, 2)
 STUDY_FORMAT = "gradnoise-study"
 STUDY_VERSION = 2
 STUDY_VERSIONS = (1, 2)
-FORMATS = {STUDY_FORMAT: STUDY_VERSIONS, RUN_FORMAT: RUN_VERSIONS}
+PROBE_FORMAT = "gradnoise-probe"
+PROBE_VERSION = 1
+PROBE_VERSIONS = (1,)
+FORMATS = {STUDY_FORMAT: STUDY_VERSIONS, RUN_FORMAT: RUN_VERSIONS, PROBE_FORMAT: PROBE_VERSIONS}
 
 Lines = List[Dict[str, Any]]
 
@@ -206,12 +260,16 @@ def check_header(obj: Any, where: str, lineno: int, expected: Optional[str] = No
         raise ValueError(f"{where}: unknown format {fmt!r}; expected {expected or ' or '.join(FORMATS)}")
     if expected is not None and fmt != expected:
         raise ValueError(f"{where}: this is a {fmt} file, not a {expected} file")
-    if obj.get("version") not in FORMATS[fmt]:
-        raise ValueError(f"{where}: version {obj.get('version')!r} of {fmt} is not supported by this gradnoise "
-                         f"(it reads version {', '.join(map(str, FORMATS[fmt]))}); upgrade gradnoise")
+    _check_version(fmt, obj.get("version"), where)
     if fmt == STUDY_FORMAT and not isinstance(obj.get("study"), str):
         raise ValueError(f"{where}: the study file's header names no study")
     return fmt
+
+
+def _check_version(fmt: str, version: Any, where: str) -> None:
+    if version not in FORMATS[fmt]:
+        raise ValueError(f"{where}: version {version!r} of {fmt} is not supported by this gradnoise "
+                         f"(it reads version {', '.join(map(str, FORMATS[fmt]))}); upgrade gradnoise")
 
 
 # ---------------------------------------------------------------- readers
@@ -301,14 +359,32 @@ def sniff(path: "os.PathLike[str] | str") -> str:
             line, or is of an unknown format or version.
     """
     path = os.fspath(path)
-    for lineno, raw in enumerate(_read_bytes(path).split(b"\n"), start=1):
+    data = _read_bytes(path)
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if raw.strip():
             obj, err = _parse(raw)
-            if err is not None:
-                raise ValueError(f"{path}, line {lineno}: not JSON, so neither a {STUDY_FORMAT} "
-                                 f"nor a {RUN_FORMAT} file ({err})")
+            if err is not None:  # a probe file may spread its one object over several lines
+                obj, whole = _parse(data)
+                if whole is not None:
+                    raise ValueError(f"{path}, line {lineno}: not JSON, so not a {STUDY_FORMAT}, {RUN_FORMAT} "
+                                     f"or {PROBE_FORMAT} file ({err})")
+            if _is_probe(obj):
+                _check_version(PROBE_FORMAT, obj.get("version"), path)
+                return PROBE_FORMAT
             return check_header(obj, path, lineno)
     raise ValueError(f"{path}: the file is empty (no header line)")
+
+
+def top_object(path: "os.PathLike[str] | str") -> Any:
+    """The parsed first non-blank line, or the whole file when that line is not JSON but
+    the file is (one object over several lines); None when absent or neither is JSON."""
+    first = first_object(path)
+    if first is not None:
+        return first
+    try:
+        return _parse(_read_bytes(os.fspath(path)))[0]
+    except ValueError:
+        return None
 
 
 def first_object(path: "os.PathLike[str] | str") -> Any:
@@ -321,6 +397,179 @@ def first_object(path: "os.PathLike[str] | str") -> Any:
     except OSError:
         return None
     return None
+
+
+# ---------------------------------------------------------------- probe files
+def _is_probe(obj: Any) -> bool:
+    """A probe file's object: its own ``format``, no ``type`` (it is not a header line)."""
+    return isinstance(obj, dict) and obj.get("format") == PROBE_FORMAT and "type" not in obj
+
+
+def _number(v: Any) -> bool:
+    """A file number: a finite int or float (not a bool), or ``"inf"``/``"-inf"``."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, float)):
+        return math.isfinite(v)
+    return v in ("inf", "-inf")
+
+
+def _count(v: Any, least: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _nullable(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _interval(v: Any) -> bool:
+    return v is None or (isinstance(v, list) and len(v) == 2 and all(x is None or _number(x) for x in v))
+
+
+def _rows(*cells: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """A list of rows ``[cell, …]``, each cell passing its check."""
+    def check(v: Any) -> bool:
+        return isinstance(v, list) and all(
+            isinstance(r, list) and len(r) == len(cells) and all(c(x) for c, x in zip(cells, r)) for r in v)
+    return check
+
+
+Check = Tuple[str, Callable[[Any], bool]]   # (what the value must be, its test)
+NUMBER: Check = ("a number or null", _nullable(_number))
+INTERVAL: Check = ("[low, high] or null", _interval)
+TEXT: Check = ("a string", lambda v: isinstance(v, str))
+NOTE: Check = ("a string or null", _nullable(lambda v: isinstance(v, str)))
+OBJECT: Check = ("an object", lambda v: isinstance(v, dict))
+COUNT: Check = ("a positive integer", _count)
+INDEX: Check = ("an integer ≥ 0 or null", _nullable(lambda v: _count(v, 0)))
+
+PROBE_KEYS: Dict[str, Check] = {
+    "created": TEXT, "task": TEXT, "checkpoint": OBJECT,
+    "optimizer": ("an object or null", _nullable(lambda v: isinstance(v, dict))),
+    "base_batch": COUNT, "lr": NUMBER, "lr_rule": TEXT,
+    "budget": ("a positive number", lambda v: _number(v) and v not in ("inf", "-inf") and v > 0),
+    "batch_sizes": ("a non-empty list of positive integers", lambda v: isinstance(v, list) and bool(v)
+                    and all(_count(b) for b in v)),
+    "seeds": COUNT,
+    "branches": ("a list of objects", lambda v: isinstance(v, list) and all(isinstance(b, dict) for b in v)),
+    "target_loss": NUMBER, "mccandlish": OBJECT, "merrill": OBJECT, "proxy": OBJECT, "seconds": NUMBER,
+}
+PROBE_PARTS: Dict[str, Dict[str, Check]] = {
+    "checkpoint": {"step": INDEX, "loss": NUMBER},
+    "mccandlish": {"b_noise": NUMBER, "interval": INTERVAL, "s_min": NUMBER, "e_min": NUMBER,
+                   "points": ("a list of [batch_size, median_steps_to_target]",
+                              _rows(_count, _nullable(_number))), "reason": NOTE},
+    "merrill": {"b_crit": NUMBER, "interval": INTERVAL, "tolerance": NUMBER, "best_loss": NUMBER,
+                "losses": ("a list of [batch_size, median_loss_at_budget, [low, high]]",
+                           _rows(_count, _nullable(_number), _interval)), "reason": NOTE},
+    "proxy": {"b_simple": NUMBER, "b_simple_interval": INTERVAL, "preconditioned": NUMBER,
+              "preconditioned_interval": INTERVAL, "ratio": NUMBER, "ratio_interval": INTERVAL,
+              "preconditioned_ratio": NUMBER, "preconditioned_ratio_interval": INTERVAL, "batches": INDEX},
+}
+BRANCH_KEYS: Dict[str, Check] = {
+    "batch_size": COUNT, "seed": ("an integer ≥ 0", lambda v: _count(v, 0)), "lr": NUMBER, "steps": INDEX,
+    "diverged": ("true or false", lambda v: isinstance(v, bool)),
+    "curve": ("a list of [samples, steps, held_out_loss]", _rows(*[_nullable(_number)] * 3)),
+    "steps_to_target": NUMBER, "examples_to_target": NUMBER, "loss_at_budget": NUMBER,
+}
+
+
+def _check_keys(obj: Dict[str, Any], keys: Dict[str, Check], where: str, prefix: str = "") -> None:
+    for key, (what, ok) in keys.items():
+        if key not in obj:
+            raise ValueError(f"{where}: the required key {prefix + key!r} is missing")
+        if not ok(obj[key]):
+            raise ValueError(f"{where}: {prefix + key} must be {what}, not {json.dumps(obj[key])[:60]}")
+
+
+def check_probe(obj: Any, where: str) -> Dict[str, Any]:
+    """``obj`` after checking it is a probe file's object (module docstring): its format and
+    version, every required key and the type of each value; extra keys are allowed.
+
+    Raises:
+        ValueError: one line naming ``where`` and the first fault found.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: not a {PROBE_FORMAT} file (the file is not a JSON object)")
+    fmt = obj.get("format")
+    if fmt != PROBE_FORMAT:
+        if fmt in FORMATS:
+            raise ValueError(f"{where}: this is a {fmt} file, not a {PROBE_FORMAT} file")
+        named = f"unknown format {fmt!r}" if "format" in obj else "no format field"
+        raise ValueError(f"{where}: {named}; expected {PROBE_FORMAT}")
+    _check_version(PROBE_FORMAT, obj.get("version"), where)
+    _check_keys(obj, PROBE_KEYS, where)
+    for part, keys in PROBE_PARTS.items():
+        _check_keys(obj[part], keys, where, f"{part}.")
+    for i, branch in enumerate(obj["branches"]):
+        _check_keys(branch, BRANCH_KEYS, where, f"branches[{i}].")
+    return obj
+
+
+def read_probe(path: "os.PathLike[str] | str") -> Dict[str, Any]:
+    """Read and validate a ``gradnoise-probe`` file.
+
+    Returns:
+        The file's object, as written (undefined numbers ``None``, unbounded interval ends
+        ``"inf"``/``"-inf"``).
+
+    Raises:
+        ValueError: one line naming the file when it is missing, empty, not JSON, of another
+            format or an unknown version, lacks a required key or holds a value of the
+            wrong type (:func:`check_probe`).
+    """
+    path = os.fspath(path)
+    data = _read_bytes(path)
+    if not data.strip():
+        raise ValueError(f"{path}: the file is empty (expected one {PROBE_FORMAT} JSON object)")
+    obj, err = _parse(data)
+    if err is not None:
+        raise ValueError(f"{path}: corrupt, not one JSON object ({err})")
+    return check_probe(obj, path)
+
+
+def _plain(v: Any) -> Any:
+    """A numpy or torch scalar (or array) as Python numbers, for :func:`json.dumps`."""
+    if hasattr(v, "tolist"):
+        return json_safe(v.tolist())
+    raise TypeError(f"{type(v).__name__} is not a number, string, list or object")
+
+
+def write_probe(path: "os.PathLike[str] | str", obj: Dict[str, Any]) -> str:
+    """Write a probe file atomically: encode ``obj`` with :func:`json_safe`, check it as
+    :func:`read_probe` would, write it to a temporary file beside ``path`` and rename that
+    over ``path`` (a reader sees the old file or the new one, never half of one).
+
+    ``format``, ``version`` and ``created`` are filled in when ``obj`` lacks them.
+
+    Returns:
+        ``path``, as a string.
+
+    Raises:
+        ValueError: naming ``path`` when ``obj`` is not a valid probe object (nothing is
+            written then).
+    """
+    path = os.fspath(path)
+    head = {"format": PROBE_FORMAT, "version": PROBE_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    full = {**head, **obj}
+    try:
+        text = json.dumps(json_safe(full), default=_plain, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot be written as JSON ({e})") from None
+    check_probe(json.loads(text), path)
+    tmp = f"{path}.{os.getpid()}.partial"  # beside the target: the rename stays on one file system
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
 
 
 def _read_bytes(path: str) -> bytes:

@@ -239,10 +239,10 @@ def test_fieller_upper_ray_is_a_lower_bound_and_the_whole_line_is_undetermined()
                               (0.1, 0.1, 1.0, 1.0, 0.0)]:     # T̄ not significant either: whole line
         a, b, cc = ms * ms - z2 * vs, mt * ms - z2 * c, mt * mt - z2 * vt
         expected = fieller(mt, ms, vt, vs, c)
-        got = smoothing._fieller(mt, ms, vt, vs, c, smoothing.Z95)
+        got = smoothing.fieller(mt, ms, vt, vs, c, smoothing.Z95)
         assert got[1] == math.inf and got[0] == pytest.approx(expected[0], rel=1e-3, abs=1e-5)
         assert (b * b - a * cc > 0) == (got[0] > 0)
-    lo, hi = smoothing._fieller(0.5, 2.0, 1.0, 0.01, 0.0, smoothing.Z95)  # T̄ ± 1.96 crosses 0
+    lo, hi = smoothing.fieller(0.5, 2.0, 1.0, 0.01, 0.0, smoothing.Z95)  # T̄ ± 1.96 crosses 0
     assert lo == 0.0 and 0 < hi < math.inf
 
 

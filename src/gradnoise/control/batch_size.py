@@ -73,15 +73,28 @@ beginning of epoch ``e`` unless ``e`` is the current epoch (so a resumed run cal
 continues mid-epoch). ``len(sampler)`` is the micro-batches of one full epoch at the
 current size, an estimate when the size changes during the epoch.
 
+Fixed schedule. With ``schedule=`` (a ``gradnoise-schedule`` object or the path of
+the JSON ``gradnoise schedule run.jsonl --format json`` writes, :mod:`~gradnoise.control.schedule`)
+the sampler reads no noise: at the start of every step the size and lr multiplier are
+those of the schedule's segment in force after the global samples consumed so far (all
+ranks, all epochs, padding included; an epoch's smaller last step counts what it took).
+Each size must be a multiple of ``q`` in the bounds. The optimizer's lrs (captured at
+construction: the rates tuned for the schedule's ``base_batch``) are multiplied by the
+segment's ``lr_multiplier``, the schedule's own rule, so ``lr_rule`` and ``monitor``
+must be None. ``base_batch_size`` defaults to the schedule's first size.
+
 Checkpoints. ``state_dict()`` between steps holds the epoch, position, step counter,
 size, lr multiplier and base lrs, the last noise reading and the step-time points; the
-permutation is a function of ``(seed, epoch)``, so that is the whole generator state.
+permutation is a function of ``(seed, epoch)``, so that is the whole generator state;
+it also holds the samples consumed (a fixed schedule's clock; 0 when absent).
 A resumed run continues identically (with ``num_workers=0``; with prefetching workers
 no sample is lost or repeated, but steps already planned may be re-decided).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections import deque
 from typing import Iterator, List, Optional, Tuple
@@ -93,6 +106,7 @@ from torch.utils.data import Sampler
 from . import batch_rules as br
 from .batch_plan import Cursor, Reading, Step, StepPlan
 from . import lr_rules
+from .schedule import segments_from_json
 
 RULES = ("c*b_simple", "goodput")
 LR_RULES = ("linear", "sqrt", "adascale")
@@ -134,15 +148,20 @@ class AdaptiveBatchSampler(Sampler):
         step_time: the goodput rule's ``time(B)``: callable, ``(α, β)`` or None (fitted).
         drop_last, shuffle, seed: the epoch's order, as DistributedSampler.
         num_replicas, rank, process_group: default from ``torch.distributed`` if initialised.
+        schedule: a fixed schedule to follow instead of the noise (a ``gradnoise-schedule``
+            dict or its JSON file's path; module docstring), or None.
     """
 
-    def __init__(self, dataset_size, monitor=None, base_batch_size: int = 32, rule: str = "c*b_simple",
+    def __init__(self, dataset_size, monitor=None, base_batch_size: Optional[int] = None, rule: str = "c*b_simple",
                  c: float = 1.0, min_batch: int = 1, max_batch: Optional[int] = None, multiple_of: int = 1,
                  adjust_every=100, min_gain: float = 0.05, max_device_batch: Optional[int] = None,
                  optimizer=None, lr_rule: Optional[str] = None, step_time=None, drop_last: bool = False,
                  shuffle: bool = True, seed: int = 0, num_replicas: Optional[int] = None,
-                 rank: Optional[int] = None, process_group=None):
+                 rank: Optional[int] = None, process_group=None, schedule=None):
         n = dataset_size if isinstance(dataset_size, int) else len(dataset_size)
+        self._fixed = None if schedule is None else self._load_schedule(schedule, monitor, lr_rule)
+        if base_batch_size is None:
+            base_batch_size = 32 if self._fixed is None else self._fixed[0][1]
         for name, v in (("dataset_size", n), ("base_batch_size", base_batch_size), ("min_batch", min_batch),
                         ("multiple_of", multiple_of)):
             _positive_int(name, v)
@@ -162,21 +181,41 @@ class AdaptiveBatchSampler(Sampler):
         self.num_replicas, self.rank, self._distributed = _world(num_replicas, rank, process_group)
         self.q = multiple_of * self.num_replicas
         self.lo, self.hi = br.grid_bounds(min_batch, n if max_batch is None else max_batch, self.q)
-        if base_batch_size % self.q or not self.lo <= base_batch_size <= self.hi:
-            raise ValueError(f"base_batch_size={base_batch_size} must be a multiple of multiple_of × num_replicas "
-                             f"= {self.q} in [{self.lo}, {self.hi}]")
+        sizes = [("a schedule size", b) for _, b, _ in self._fixed or []] + [("base_batch_size", base_batch_size)]
+        for what, b in sizes:
+            if b % self.q or not self.lo <= b <= self.hi:
+                raise ValueError(f"{what}={b} must be a multiple of multiple_of × num_replicas "
+                                 f"= {self.q} in [{self.lo}, {self.hi}]")
         self.dataset_size, self.monitor, self.base_batch_size = n, monitor, base_batch_size
         self.rule, self.c, self.min_gain, self.adjust_every = rule, float(c), float(min_gain), adjust_every
         self.max_device_batch, self.drop_last, self.shuffle, self.seed = max_device_batch, drop_last, shuffle, seed
         self.optimizer, self.lr_rule, self.step_time, self.process_group = optimizer, lr_rule, step_time, process_group
         self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups] if optimizer is not None else []
         self._cur = Cursor(0, 0, 0, base_batch_size, 1.0)
+        self._samples = 0  # global samples of the steps planned so far (a fixed schedule's clock)
+        if self._fixed is not None:
+            self._follow()
         self._times = br.LinearStepTime()
         self._saved_reading: Optional[Reading] = None
         self._perm: Tuple[int, Optional[List[int]]] = (-1, None)
         self._queue: deque = deque()
         self._consuming, self._gen, self._applied = False, 0, 1.0
         self._last_size: Optional[int] = None
+
+    @staticmethod
+    def _load_schedule(schedule, monitor, lr_rule) -> List[Tuple[int, int, float]]:
+        if monitor is not None or lr_rule is not None:
+            raise ValueError("a fixed schedule reads no noise and carries its own lr rule: "
+                             "pass monitor=None and lr_rule=None with schedule=")
+        if isinstance(schedule, (str, os.PathLike)):
+            where = os.fspath(schedule)
+            try:
+                with open(where, encoding="utf-8") as f:
+                    schedule = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{where}: cannot read the schedule ({e})") from None
+            return segments_from_json(schedule, where)
+        return segments_from_json(schedule)
 
     @staticmethod
     def _check_step_time(step_time) -> Optional[Tuple[float, float]]:
@@ -288,6 +327,12 @@ class AdaptiveBatchSampler(Sampler):
             return self._cur.lr_multiplier if math.isnan(m) else m
         return getattr(lr_rules, self.lr_rule)(self.base_batch_size, size)
 
+    def _follow(self) -> None:
+        """Fixed mode: the size and lr multiplier of the segment in force at ``_samples``."""
+        _, size, mult = [seg for seg in self._fixed if seg[0] <= self._samples][-1]
+        if (size, mult) != (self._cur.batch_size, self._cur.lr_multiplier):
+            self._cur = self._cur._replace(batch_size=size, lr_multiplier=mult)
+
     def _decide(self) -> None:
         size, b_noise = self._cur.batch_size, math.nan
         if self.rank == 0:
@@ -301,7 +346,7 @@ class AdaptiveBatchSampler(Sampler):
 
     def _apply_lr(self, mult: float) -> None:
         self._applied = mult
-        if self.optimizer is None or self.lr_rule is None:
+        if self.optimizer is None or (self.lr_rule is None and self._fixed is None):
             return
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
             if isinstance(g["lr"], torch.Tensor):
@@ -339,7 +384,9 @@ class AdaptiveBatchSampler(Sampler):
 
     def _next_plan(self, perm: List[int]) -> Optional[StepPlan]:
         before = self._cur
-        if self._adjust_due():
+        if self._fixed is not None:
+            self._follow()
+        elif self._adjust_due():
             self._decide()
         c = self._cur
         if self._epoch_over():
@@ -351,6 +398,7 @@ class AdaptiveBatchSampler(Sampler):
         bounds = [sum(sizes[:j]) for j in range(len(sizes) + 1)]
         micro = [local[bounds[j]:bounds[j + 1]] for j in range(len(sizes))]
         self._cur = c._replace(position=c.position + take, step=c.step + 1)
+        self._samples += len(local) * self.num_replicas
         if self._epoch_over():
             self._cur = self._cur._replace(epoch=c.epoch + 1, position=0)
         return StepPlan(c.step, c.epoch, c.batch_size, len(local) * self.num_replicas, micro, tuple(sizes),
@@ -408,6 +456,7 @@ class AdaptiveBatchSampler(Sampler):
             self._consuming = False
             if self._queue:  # left early: resume at the first step not handed out
                 self._cur, self._gen = self._queue[0].before, self._gen + 1
+                self._samples -= sum(p.n_samples for p in self._queue)
             self._queue.clear()
 
     # ---- checkpoints ---------------------------------------------------------------
@@ -417,10 +466,11 @@ class AdaptiveBatchSampler(Sampler):
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue identically (call between steps)."""
         r = self._reading()
+        planned = sum(p.n_samples for p in self._queue) if self._consuming else 0
         return {"version": 1, "dataset_size": self.dataset_size, "num_replicas": self.num_replicas,
                 "seed": self.seed, "shuffle": self.shuffle, "cursor": list(self._resume_point()),
                 "base_lrs": list(self.base_lrs), "reading": None if r is None else list(r),
-                "step_times": self._times.state_dict()}
+                "step_times": self._times.state_dict(), "samples": self._samples - planned}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`; sets the optimizer's lrs for the restored size."""
@@ -437,6 +487,7 @@ class AdaptiveBatchSampler(Sampler):
             self.base_lrs = [float(v) for v in state["base_lrs"]]
         self._saved_reading = None if state["reading"] is None else Reading(*state["reading"])
         self._times.load_state_dict(state["step_times"])
+        self._samples = int(state.get("samples", 0))
         self._queue.clear()
         self._gen += 1
         self._apply_lr(self._cur.lr_multiplier)

@@ -1,4 +1,4 @@
-"""``build_report``: one self-contained HTML page from study and run files."""
+"""``build_report``: one self-contained HTML page from study, run and probe files."""
 from __future__ import annotations
 
 import os
@@ -8,10 +8,10 @@ from typing import Callable, List, Mapping, Optional, Sequence
 
 from .. import __version__
 from . import html as h
-from .files import RUN_FORMAT, Input, load
+from .files import PROBE_FORMAT, RUN_FORMAT, STUDY_FORMAT, Input, load
 from .fmt import fmt_text, slug
 from .noise_sections import run_section
-from .section_table import SECTIONS
+from .section_table import FORMAT_SECTIONS, SECTIONS
 from .verdict import TaskVerdict, text_lines, verdicts
 
 Sections = Mapping[str, Callable]
@@ -37,11 +37,16 @@ def _stems(inputs: Sequence[Input]) -> List[str]:
 
 
 def _sections(inputs: Sequence[Input], table: Sections) -> List[h.Section]:
-    """Study sections in the table's order, then one section per run file."""
+    """Study sections in the table's order, then a section per other format (probe files),
+    then one section per run file."""
     stems = _stems(inputs)
     sections = []
     for study, make in table.items():
         items = [(stem, inp) for stem, inp in zip(stems, inputs) if inp.study == study]
+        if items:
+            sections.append(make(items))
+    for fmt, make in FORMAT_SECTIONS.items():
+        items = [(stem, inp) for stem, inp in zip(stems, inputs) if inp.format == fmt]
         if items:
             sections.append(make(items))
     for stem, inp in zip(stems, inputs):
@@ -51,12 +56,14 @@ def _sections(inputs: Sequence[Input], table: Sections) -> List[h.Section]:
 
 
 def _kind(inp: Input) -> str:
+    if inp.format == PROBE_FORMAT:
+        return "branch probe"
     return "monitor run file" if inp.format == RUN_FORMAT else f"{inp.study} study"
 
 
 def _mixed_runs(inputs: Sequence[Input]) -> str:
     """A note when the study files disagree in seed or size (``""`` when they agree)."""
-    studies = [inp for inp in inputs if inp.format != RUN_FORMAT]
+    studies = [inp for inp in inputs if inp.format == STUDY_FORMAT]
     parts = []
     for key, plural in (("seed", "seeds"), ("size", "sizes")):
         values = []
@@ -135,7 +142,7 @@ def _load_all(files: Sequence["os.PathLike[str] | str"], table: Sections) -> Lis
         raise ValueError("build_report needs at least one study or run file")
     inputs = [load(path) for path in given]
     for inp in inputs:
-        if inp.format != RUN_FORMAT and inp.study not in table:
+        if inp.format == STUDY_FORMAT and inp.study not in table:
             raise ValueError(f"{inp.path}: unknown study {inp.study!r}; expected one of {', '.join(table)}")
     return inputs
 

@@ -1,8 +1,10 @@
-"""Reading the report's inputs: ``gradnoise-study`` and ``gradnoise-run`` files.
+"""Reading the report's inputs: ``gradnoise-study``, ``gradnoise-run`` and
+``gradnoise-probe`` files.
 
 The report reads files, never objects (DESIGN.md §3). Each input is told apart by the
-``format`` of its first line; a trajectory study also brings the monitor's run file it
-names in ``header["config"]["run_file"]`` (relative to the study file's folder).
+``format`` of its first line (of its one object, for a probe file); a trajectory study also
+brings the monitor's run file it names in ``header["config"]["run_file"]`` (relative to the
+study file's folder).
 
 Both formats are JSON Lines written line by line and flushed, so a file may end in a
 half-written line while its writer runs or after it was killed: that last line (no
@@ -17,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..formats import RUN_FORMAT, STUDY_FORMAT, check_header, first_object, read_run, read_study, sniff
+from ..formats import (FORMATS, PROBE_FORMAT, RUN_FORMAT, STUDY_FORMAT, check_header, first_object, read_probe,
+                       read_run, read_study, sniff, top_object)
 
 Lines = List[Dict[str, Any]]
 
 WRITERS = ("a gradnoise run file is written by a NoiseMonitor with a JSONL sink "
            "(gradnoise.NoiseMonitor(model, sinks=[\"run.jsonl\"]) in your training loop), a study file by "
-           "gradnoise study")
+           "gradnoise study, a probe file by gradnoise probe")
 
 
 @dataclass(frozen=True)
@@ -32,9 +35,10 @@ class Input:
 
     Attributes:
         path: the file.
-        format: ``"gradnoise-study"`` or ``"gradnoise-run"``.
-        header: its header line.
-        lines: the later lines (study lines, or a run file's step lines), in file order.
+        format: ``"gradnoise-study"``, ``"gradnoise-run"`` or ``"gradnoise-probe"``.
+        header: its header line (a probe file's whole object).
+        lines: the later lines (study lines, or a run file's step lines), in file order
+            (none for a probe file).
         run: for a trajectory study, ``(header, steps)`` of the run file it names, or None.
         run_path: that run file's path, or None.
         note: why the run file of a trajectory study could not be shown, or None.
@@ -76,8 +80,8 @@ def _sniff(path: Path) -> str:
     try:
         return sniff(path)
     except ValueError as e:
-        first = first_object(path)
-        ours = isinstance(first, dict) and first.get("format") in (RUN_FORMAT, STUDY_FORMAT)
+        first = top_object(path)
+        ours = isinstance(first, dict) and first.get("format") in FORMATS
         if first is None or ours:  # missing, empty or not JSON, or ours with another fault: sniff says it
             raise
         raise ValueError(f"{e}: not a gradnoise file; {WRITERS}") from None
@@ -85,17 +89,20 @@ def _sniff(path: Path) -> str:
 
 def load(path: "os.PathLike[str] | str") -> Input:
     """Read one input of the report: a study file (with its run file, for a trajectory
-    study) or a monitor run file.
+    study), a monitor run file or a probe file.
 
     A trajectory study whose run file is missing is still read: the report then shows
     its losses with a note (and this warns). A run file that exists but is corrupt is an
     error like any other input.
 
     Raises:
-        ValueError: as :func:`read_study` and :func:`gradnoise.read_run`.
+        ValueError: as :func:`read_study`, :func:`gradnoise.read_run` and
+            :func:`~gradnoise.formats.read_probe`.
     """
     path = Path(path)
     fmt = _sniff(path)
+    if fmt == PROBE_FORMAT:
+        return Input(path, fmt, read_probe(path), [])
     if fmt == RUN_FORMAT:
         header, steps = read_run(path)
         return Input(path, fmt, header, steps)
@@ -112,4 +119,5 @@ def load(path: "os.PathLike[str] | str") -> Input:
     return Input(path, fmt, header, lines, read_run(run_path), run_path)
 
 
-__all__ = ["Input", "RUN_FORMAT", "STUDY_FORMAT", "load", "read_run", "read_study", "sniff"]
+__all__ = ["Input", "PROBE_FORMAT", "RUN_FORMAT", "STUDY_FORMAT", "load", "read_probe", "read_run", "read_study",
+           "sniff"]

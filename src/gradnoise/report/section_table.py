@@ -5,11 +5,16 @@ The report owns this table (DESIGN.md §3): it reads files, not objects, so it n
 name a study writes in its files, never the study's code; :mod:`gradnoise.studies` does not
 import the report and the report does not import the studies. A test checks that every
 study of :data:`gradnoise.studies.registry.NAMES` has a section here.
+
+:data:`FORMAT_SECTIONS` does the same for files that are not study files, keyed by their
+``format``: every probe file given joins the one probe section (after the studies'). Run
+files get a section each, built by :func:`gradnoise.report.noise_sections.run_section`.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict
 
+from ..formats import PROBE_FORMAT
 from .adaptive_section import adaptive_section
 from .escape_section import escape_section
 from .federated_section import federated_section
@@ -17,6 +22,7 @@ from .lm_section import lm_section
 from .noise_sections import trajectory_section
 from .online_section import online_section
 from .optimizers_section import optimizers_section
+from .probe_section import probe_section
 from .sections import critical_section, law_section, lr_batch_section, recommend_section
 
 SECTIONS: Dict[str, Callable] = {
@@ -33,4 +39,8 @@ SECTIONS: Dict[str, Callable] = {
     "recommend": recommend_section,
 }
 
-__all__ = ["SECTIONS"]
+FORMAT_SECTIONS: Dict[str, Callable] = {
+    PROBE_FORMAT: probe_section,
+}
+
+__all__ = ["FORMAT_SECTIONS", "SECTIONS"]

@@ -109,12 +109,12 @@ def ratio_interval(state: EmaState, beta: float, z: float = Z95) -> Tuple[float,
     v_t, v_s, c = covariance(state, beta)
     if not all(map(math.isfinite, (mt, ms, v_t, v_s, c))):
         return math.nan, math.nan
-    return _fieller(mt, ms, v_t, v_s, c, z)
+    return fieller(mt, ms, v_t, v_s, c, z)
 
 
-def _fieller(mt: float, ms: float, v_t: float, v_s: float, c: float, z: float) -> Tuple[float, float]:
-    """The hull of Fieller's set for means ``(T̄, S̄)`` with (co)variances ``v_T, v_S, c``
-    within ``ρ ≥ 0``."""
+def fieller(mt: float, ms: float, v_t: float, v_s: float, c: float, z: float) -> Tuple[float, float]:
+    """The hull of Fieller's set for the ratio of means ``(T̄, S̄)`` with (co)variances
+    ``v_T, v_S, c`` of those means, within ``ρ ≥ 0`` (module docstring)."""
     z2 = z * z
     a = ms * ms - z2 * v_s
     b = mt * ms - z2 * c
