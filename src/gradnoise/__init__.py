@@ -39,6 +39,7 @@ _LAZY: Dict[str, Tuple[str, Any]] = {
     "TensorBoardSink": (".monitor.sinks", "TensorBoardSink"),
     "NoiseStats": (".stats.noise", "NoiseStats"),
     "probe": (".control.probe", "probe"),
+    "save_checkpoint": (".studies.probe_task", "save_checkpoint"),
 }
 
 
@@ -69,6 +70,7 @@ __all__ = [
     "WindowStats",
     "probe",
     "read_run",
+    "save_checkpoint",
     "CaptureStateError",
     "FallbackError",
     "GradNoiseError",

@@ -6,6 +6,7 @@ line and a non-zero exit (``--debug`` shows the traceback).
     gradnoise report RUN.jsonl [...] [--out DIR]
     gradnoise measure [--model mlp|cnn|transformer | --task SPEC] [--batch-size B] [--json]
     gradnoise schedule RUN.jsonl [--calibration probe.json] [--format table|csv|json|megatron] [...]
+    gradnoise probe --task SPEC [--checkpoint PATH] [--batch-sizes 16,32,...] [--seeds N] [--budget SAMPLES] [...]
     gradnoise --version
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="print only the report's path")
     _debug_option(r)
     _schedule_parser(sub)
+    _probe_parser(sub)
     return p
 
 
@@ -100,6 +102,54 @@ def _schedule_parser(sub) -> None:
     s.add_argument("--lr-rule", choices=("linear", "sqrt", "adascale", "adam_sqrt"),
                    help="default: sqrt for Adam-family and unknown optimizers, adascale for SGD")
     _debug_option(s)
+
+
+def _probe_parser(sub) -> None:
+    s = sub.add_parser("probe", help="the critical batch measured by branching from a checkpoint, B_simple calibrated",
+                       description="Short branches of training at several batch sizes from one checkpoint of the "
+                                   "task (see gradnoise.studies.probe_task for the checkpoint format).")
+    s.add_argument("--task", required=True, metavar="SPEC",
+                   help="digits-mlp, digits-cnn, pydoc-gpt, or your task as path/to/file.py:function or "
+                        "package.module:function")
+    s.add_argument("--checkpoint", metavar="PATH", help="torch.save({'model', 'optimizer', 'step'}) of your loop "
+                                                        "(gradnoise.studies.probe_task.save_checkpoint); default: train "
+                                                        "from the start")
+    s.add_argument("--batch-sizes", type=_sizes, help="comma-separated branch batch sizes (default base × ½ … 16)")
+    s.add_argument("--seeds", type=_count, default=3, help="branches per batch size (default 3)")
+    s.add_argument("--budget", type=_whole(1), help="samples per branch (default 64 base batches)")
+    s.add_argument("--base-batch", type=_count, default=32, help="the run's batch size (default 32)")
+    s.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="default sgd")
+    s.add_argument("--lr", type=_positive, help="learning rate (default 0.1 for sgd, 1e-3 for adamw, or the "
+                                                "checkpoint's)")
+    s.add_argument("--train-steps", type=_whole(0), help="training steps at the base batch before the probe "
+                                                         "(default 100, 0 from a checkpoint)")
+    s.add_argument("--lr-grid", type=_floats, default=[1.0], help="comma-separated multipliers of each branch's "
+                                                                  "learning rate (default 1)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    s.add_argument("--quiet", action="store_true", help="no progress bar, only the report's path")
+    _debug_option(s)
+
+
+def run_probe(args, out=None) -> int:
+    """``gradnoise probe``: check, train to the branch point, probe, write the probe file
+    and its report page, print the readings."""
+    out = out or sys.stdout
+    from .report import build_report
+    from .studies import probe_task
+
+    cfg = probe_task.Config(task=args.task, checkpoint=args.checkpoint, batch_sizes=args.batch_sizes,
+                            seeds=args.seeds, budget=args.budget, base_batch=args.base_batch,
+                            optimizer=args.optimizer, lr=args.lr, train_steps=args.train_steps,
+                            lr_grid=tuple(args.lr_grid), seed=args.seed, out=args.out, quiet=args.quiet)
+    doc, path = probe_task.run(cfg)
+    page = build_report([path], args.out)
+    if not args.quiet:
+        for line in probe_task.summary_lines(doc):
+            print(line, file=out)
+        print(f"probe file: {path}", file=out)
+    print(f"report: {page}", file=out)
+    return 0
 
 
 def run_schedule(args, out=None) -> int:
@@ -289,6 +339,8 @@ def _dispatch(args) -> int:
             return run_report(args)
         if args.command == "schedule":
             return run_schedule(args)
+        if args.command == "probe":
+            return run_probe(args)
         if args.command in (None, "measure"):
             from .studies.measure import measure
 

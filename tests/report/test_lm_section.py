@@ -28,7 +28,7 @@ def test_the_section_and_verdict_build_from_a_tiny_run(tiny_lm, tmp_path):
         warnings.simplefilter("error")
         index = build_report([path], tmp_path / "report")
     page = check_page(index)
-    assert len(page.images) == 3  # growth, layers, warm-up
+    assert len(page.images) == 4  # growth, layers, the probes' calibration, warm-up
     visible = " ".join(page.visible)
     assert "Language model: noise scale over a run" in visible and "LayerNorm layers only" in visible
     lines = "\n".join(verdict_lines([path]))

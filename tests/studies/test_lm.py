@@ -46,13 +46,22 @@ def test_tiny_run_writes_the_trajectory_and_the_warmup(tmp_path):
         if r["method"] == "fixed small":
             assert r["examples"] == r["steps"] * cfg.base_batch
     assert lm.summary_line(s).startswith("B_simple")
+    # the branch probes: at the checkpoints probe_steps names, each reading beside the proxies
+    probed = [c for c in checkpoints if c.get("probe")]
+    assert [c["step"] for c in probed] == lm.probe_steps(cfg) == [12, 24]
+    cal = s["calibration"]
+    assert [p["step"] for p in cal["points"]] == [12, 24] and cal["last"]["step"] == 24
+    for p in cal["points"]:
+        assert p["branches"] == len(lm.probe_sizes(cfg)) * cfg.probe_seeds and p["seconds"] > 0
+        assert p["b_simple"][0] is not None and len(p["b_crit"]) == 3
+    assert "branch B_crit" in lm.summary_line(s)
 
 
 def test_layernorm_scale_equals_the_float64_oracle_over_the_layernorm_parameters(tmp_path):
     """With beta = 0 the smoothed values are the step's own: at step 1 (the initial
     weights) the LayerNorm-only B_simple must equal the oracle's over those parameters."""
     task = small_task(dtype=torch.float64)
-    cfg = lm.LmConfig(batch_size=8, steps=1, every=1, beta=0.0, eval_every=1, eval_windows=8, methods=[])
+    cfg = lm.LmConfig(batch_size=8, steps=1, every=1, beta=0.0, eval_every=1, eval_windows=8, methods=[], probes=0)
     train, test = lm.split(task.size, cfg.eval_windows, 0)
     idx = train[next(batches(len(train), cfg.batch_size, torch.Generator().manual_seed(0)))]
     grads = R.per_sample_grads(task.model, token_loss, task.x[idx], task.y[idx])
@@ -100,9 +109,12 @@ def test_held_out_loss_is_the_token_mean(tmp_path):
     ({"target_loss": -1.0}, "target_loss must be"),
     ({"beta": 1.0}, "beta must be"),
     ({"eval_windows": 47}, "leaves 1 of the 48"),
+    ({"probes": -1}, "probes must be"),
+    ({"probes": 1, "probe_factors": [1, 2, 100]}, "cannot fill"),
+    ({"probes": 1, "probe_seeds": 1}, "seeds"),
 ])
 def test_bad_options_are_refused(tmp_path, change, match):
-    base = dict(batch_size=4, steps=2, eval_every=2, eval_windows=8, base_batch=2, large_batch=4, max_batch=8)
+    base = dict(batch_size=4, steps=2, eval_every=2, eval_windows=8, base_batch=2, large_batch=4, max_batch=8, probes=0)
     cfg = lm.LmConfig(**{**base, **change})
     with pytest.raises(ValueError, match=match):
         lm.run(small_task(), tmp_path, config=cfg, quiet=True)
@@ -113,14 +125,14 @@ def test_a_classification_task_or_a_reached_target_is_refused(tmp_path, toy):
     with pytest.raises(ValueError, match="token ids"):
         lm.run(toy, tmp_path, size="tiny", quiet=True)
     cfg = lm.LmConfig(batch_size=4, steps=2, eval_every=2, eval_windows=8, base_batch=2, large_batch=4,
-                      max_batch=8, target_loss=100.0)
+                      max_batch=8, target_loss=100.0, probes=0)
     with pytest.raises(ValueError, match="already at or below the target"):
         lm.run(small_task(), tmp_path, config=cfg, quiet=True)
 
 
 def test_a_missed_target_is_counted_not_averaged(tmp_path):
     cfg = lm.LmConfig(batch_size=4, steps=2, eval_every=2, eval_windows=8, base_batch=2, large_batch=4,
-                      max_batch=8, target_loss=0.01, max_examples=16, eval_every_examples=8, adjust_every=2)
+                      max_batch=8, target_loss=0.01, max_examples=16, eval_every_examples=8, adjust_every=2, probes=0)
     s = lm.run(small_task(), tmp_path, config=cfg, quiet=True)
     for m in s["methods"].values():
         assert m["reached"] == 0 and m["runs"] == cfg.seeds and m["steps"]["mean"] is None

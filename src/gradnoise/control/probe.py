@@ -94,19 +94,35 @@ def plan(base_batch: int, n: int, batch_sizes: Optional[Sequence[int]], budget: 
 
 
 def _run(specs: Sequence[Tuple[int, BranchSpec]], model, optimizer, train, held_out, loss_fn, quiet: bool,
-         group, world: int, rank: int) -> Dict[int, Any]:
-    """Run this rank's share of ``(index, spec)`` and gather everyone's results."""
+         group, world: int, rank: int, evals: int) -> Dict[int, Any]:
+    """Run this rank's share of ``(index, spec)`` and gather everyone's results.
+
+    A branch that raises on one rank fails every rank, each at the gather (the others
+    would otherwise wait there for it until the collective's timeout): the rank that
+    raised re-raises its error, the others a one-line ``RuntimeError`` naming it."""
     mine = [(i, s) for k, (i, s) in enumerate(specs) if k % world == rank]
     done = {}
+    error: Optional[BaseException] = None
     with tqdm(total=len(mine), desc="probe branches", disable=quiet or not sys.stderr.isatty(), leave=False,
               file=sys.stderr) as progress:
-        for i, spec in mine:
-            done[i] = run_branch(spec, model, optimizer, train, held_out, loss_fn)
-            progress.update(1)
+        try:
+            for i, spec in mine:
+                done[i] = run_branch(spec, model, optimizer, train, held_out, loss_fn, evals)
+                progress.update(1)
+        except Exception as e:  # noqa: BLE001 - every rank must still reach the gather
+            if world == 1:
+                raise
+            error = e
     if world > 1:
         parts: List[Any] = [None] * world
-        dist.all_gather_object(parts, done, group=group)
-        done = {i: r for part in parts for i, r in part.items()}
+        mine_out = (done, None if error is None else f"{type(error).__name__}: {error}".splitlines()[0])
+        dist.all_gather_object(parts, mine_out, group=group)
+        if error is not None:
+            raise error
+        failed = [(r, msg) for r, (_, msg) in enumerate(parts) if msg is not None]
+        if failed:
+            raise RuntimeError(f"a probe branch failed on rank {failed[0][0]} ({failed[0][1]})")
+        done = {i: r for part, _ in parts for i, r in part.items()}
     return done
 
 
@@ -126,6 +142,7 @@ def _proxy(model: nn.Module, optimizer, train: Data, loss_fn: LossFn, base_batch
     x, y = train
     rows, rows_w = [], []
     with torch.random.fork_rng(devices=[x.device.index or 0] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)  # dropout: the same masks whatever the caller's generator (and on every rank)
         gen = torch.Generator().manual_seed(seed)
         for _ in range(batches):
             idx = torch.randperm(len(x), generator=gen)[:base_batch].to(x.device)
@@ -157,7 +174,7 @@ def _ratio(rows: List[Tuple[float, float]]) -> Tuple[Optional[float], List[float
 def probe(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, loss_fn: LossFn, *, held_out: Data,
           base_batch: int, batch_sizes: Optional[Sequence[int]] = None, budget: Optional[int] = None,
           seeds: int = 3, lr_rule: str = "auto", lr_grid: Sequence[float] = (1.0,), tolerance: float = 0.05,
-          target_fraction: float = 0.8,
+          target_fraction: float = 0.8, evals: int = 16,
           proxy_batches: int = 8, seed: int = 0,
           step: Optional[int] = None, task: Optional[str] = None, quiet: bool = False,
           process_group=None) -> Dict[str, Any]:
@@ -180,6 +197,8 @@ def probe(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, loss_
         target_fraction: McCandlish's target, this fraction of the way from the
             checkpoint's loss to where the base batch gets on the budget (smaller: a
             reading closer to the checkpoint, from fewer steps).
+        evals: held-out evaluations along each branch (about; its cost is most of a
+            small model's probe).
         proxy_batches: batches of ``base_batch`` for the noise scale at the checkpoint.
         step, task: the checkpoint's step and a name, recorded.
         process_group: ranks to split the branches over (default: the world where
@@ -198,7 +217,7 @@ def probe(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, loss_
     rank, world = 0, 1
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
-    args = (model, optimizer, train, held_out, loss_fn, quiet, process_group, world, rank)
+    args = (model, optimizer, train, held_out, loss_fn, quiet, process_group, world, rank, evals)
     base = [(i, s) for i, s in enumerate(specs) if s.batch_size == base_batch and s.multiplier == 1.0]
     done = _run(base, *args)  # the base batch first: its progress on the budget sets the target
     target = fits.common_target(start, [fits.loss_at(done[i][0], budget) for i, _ in base], target_fraction)

@@ -8,6 +8,7 @@ import numpy as np
 
 from . import html as h
 from .adaptive_section import method_bars
+from .lm_calibration import calibration_part
 from .figures import COLORS, Plot, band, finish, legend, limits, log_axis, new_figure, note_empty
 from .files import Input
 from .fmt import fmt_count, fmt_num, fmt_with_interval
@@ -24,6 +25,9 @@ LM_TEXT = (
     "LayerNorm layers alone (their trΣ and |G|² summed). Published LM runs (Merrill et al. 2025, OLMo) see the "
     "critical batch size near zero at initialisation, rising, then plateauing as the loss falls; Gray et al. "
     "(2024) find the LayerNorm layers' noise scale tracks the whole model's, which makes it cheap to measure. "
+    "At a few checkpoints the branch probe measures the critical batch itself — short branches of training at "
+    "several batch sizes from the same weights and AdamW state, McCandlish's steps-to-target fit — beside the raw, "
+    "the AdamW-preconditioned and the LayerNorm-only B_simple: how well, and by what factor, the proxy tracks it. "
     "Below, the noise-driven batch warm-up (AdaptiveBatchSampler, batch = measured B_simple) against fixed "
     "batches, each to a target held-out loss, at the same AdamW rate."
 )
@@ -149,6 +153,8 @@ def _part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
                   f"held-out loss {fmt_num(summary.get('initial_loss'), 3)} → {fmt_num(summary.get('final_loss'), 3)}.")
     body = subheading(inp) + head + h.figure(plots[0]) + _growth_table(summary) + h.para(layernorm_text(summary))
     body += h.figure(plots[1])
+    probes, more = calibration_part(summary, stem, task)
+    body, plots = body + probes, plots + more
     if summary.get("methods"):
         plots.append(warmup_figure(summary, f"{stem}-lm-warmup", task))
         finals = [r.get("final_batch") for r in inp.of_type("run") if r.get("method") == "noise-driven warm-up"]
@@ -156,7 +162,7 @@ def _part(stem: str, inp: Input) -> Tuple[str, List[Plot]]:
                        f"{fmt_count(summary.get('base_batch'))} and {fmt_count(summary.get('large_batch'))}; the "
                        f"warm-up started at {fmt_count(summary.get('base_batch'))} and ended at "
                        f"{', '.join(fmt_count(b) for b in finals) or '—'} sequences.")
-        body += h.figure(plots[2]) + _warmup_table(summary)
+        body += h.figure(plots[-1]) + _warmup_table(summary)
     return body, plots
 
 

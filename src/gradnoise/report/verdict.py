@@ -38,6 +38,7 @@ from .decision import (Stage, TaskVerdict, answer, determined, iv_text, next_ste
 from .files import RUN_FORMAT, Input
 from .fmt import domain_interval, fmt_count, fmt_factor, fmt_lr, fmt_num, fmt_text, to_float
 from .line import Line, anchor
+from .lm_calibration import calibration_text
 from .lm_section import lm_next_text, lm_verdict_text
 from .run_verdict import run_verdict
 
@@ -138,9 +139,10 @@ def _task_verdict(f: _Facts) -> TaskVerdict:
     if batch is None and f.lm is not None:  # the language model's own answer: its noise scale at the run's end
         lm = summary_of(f.lm)
         batch, lower = _lm_batch(lm)
-        text, basis = lm_verdict_text(lm), "lm"
-        if text:
-            because.append(Line().add(text, anchor("lm", f.task)))
+        basis = "lm"
+        for text in (lm_verdict_text(lm), calibration_text(lm)):
+            if text:
+                because.append(Line().add(text, anchor("lm", f.task)))
         nxt = lm_next_text(lm)
     if batch is None:
         return TaskVerdict(f.task, False, because[:2], _what_to_run(f, crit, st))
@@ -225,8 +227,14 @@ def _learning_rate(v: TaskVerdict, lrb: Dict[str, Any], lr_a: str, st: Optional[
 
 
 def _lm_batch(s: Dict[str, Any]) -> Tuple[Optional[float], bool]:
-    """``(batch, lower_bound)`` from the ``lm`` study's last checkpoint; ``(None, False)``
-    when its interval has no positive lower end."""
+    """``(batch, lower_bound)`` from the ``lm`` study: the critical batch its last branch
+    probe measured where that is determined (the calibrated answer), else its last
+    checkpoint's ``B_simple``; ``(None, False)`` when neither interval has a positive
+    lower end."""
+    probe = (s.get("calibration") or {}).get("last") or {}
+    b_crit = probe.get("b_crit") or [None, None, None]
+    if b_crit[0] is not None and determined(domain_interval(b_crit[1:])):
+        return answer(to_float(b_crit[0]), domain_interval(b_crit[1:]))
     last = (s.get("growth") or {}).get("last") or {}
     b, iv = to_float(last.get("b_simple")), domain_interval(last.get("interval"))
     if not (determined(iv) and math.isfinite(b)):

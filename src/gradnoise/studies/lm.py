@@ -21,6 +21,13 @@ A seeded ``eval_windows`` of the windows is held out; the model trains on the re
    as the loss falls (Spearman's ρ of ``B_simple`` against the loss over the
    checkpoints), and the agreement of the LayerNorm scale with the total (their ratio's
    median and 10–90 % range, Spearman's ρ between them).
+   At ``probes`` checkpoints spread over the run the **branch probe**
+   (:func:`gradnoise.control.probe.probe`) measures the critical batch directly — short
+   branches of training at ``probe_factors`` × the batch, ``probe_seeds`` each, on a budget
+   of ``probe_budget_steps`` batches, evaluated on ``probe_eval_windows`` of the held-out
+   sequences — beside the raw and the preconditioned (AdamW)
+   ``B_simple`` at the same weights: does the cheap proxy track the measured critical
+   batch as the loss falls, and by what factor (``calibration`` in the summary)?
 2. **Warm-up to a target** (:mod:`gradnoise.studies.lm_warmup`): AdamW at a fixed small
    and a fixed large batch against a batch that follows the measured noise scale
    (:class:`gradnoise.control.AdaptiveBatchSampler`, ``B = B_simple``), each until the
@@ -37,6 +44,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from ..control.probe import plan, probe
 from ..monitor import NoiseMonitor
 from ..monitor import names as _names
 from ..monitor.smoother import NoiseSmoother
@@ -68,12 +76,19 @@ class LmConfig:
     eval_every_examples: int = 256
     adjust_every: int = 10        # the warm-up's adjustment points (steps)
     seeds: int = 2
+    probes: int = 3               # branch probes along the trajectory (0: none; at most one per checkpoint)
+    probe_factors: List[float] = field(default_factory=lambda: [0.5, 1, 2, 4])  # times batch_size
+    probe_seeds: int = 2
+    probe_budget_steps: int = 16  # each branch's sample budget, in steps of batch_size
+    probe_eval_windows: int = 128  # held-out sequences the branches are evaluated on (of eval_windows)
+    probe_evals: int = 8          # evaluations along a branch
 
     @classmethod
     def for_size(cls, size: str) -> "LmConfig":
         if size == "tiny":
             return cls(batch_size=8, steps=24, eval_every=6, eval_windows=32, base_batch=4, large_batch=8,
-                       max_batch=16, target_loss=4.5, max_examples=800, eval_every_examples=64, adjust_every=4)
+                       max_batch=16, target_loss=4.5, max_examples=800, eval_every_examples=64, adjust_every=4,
+                       probes=2, probe_budget_steps=4, probe_eval_windows=32)
         return cls()
 
 
@@ -87,7 +102,8 @@ def check(task: Task, cfg: LmConfig) -> None:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     train = task.size - cfg.eval_windows
     for name in ("batch_size", "steps", "every", "eval_every", "eval_windows", "base_batch", "large_batch", "max_batch",
-                 "max_examples", "eval_every_examples", "adjust_every", "seeds"):
+                 "max_examples", "eval_every_examples", "adjust_every", "seeds", "probe_seeds", "probe_budget_steps",
+                 "probe_eval_windows", "probe_evals"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a whole number ≥ 1, got {v!r}")
@@ -107,6 +123,24 @@ def check(task: Task, cfg: LmConfig) -> None:
                          "a measured step")
     if not cfg.base_batch <= cfg.large_batch <= cfg.max_batch:
         raise ValueError("base_batch ≤ large_batch ≤ max_batch is needed")
+    if isinstance(cfg.probes, bool) or not isinstance(cfg.probes, int) or cfg.probes < 0:
+        raise ValueError(f"probes must be a whole number ≥ 0, got {cfg.probes!r}")
+    if cfg.probes:  # the probe's own checks, before any training
+        plan(cfg.batch_size, train, probe_sizes(cfg), cfg.batch_size * cfg.probe_budget_steps, cfg.probe_seeds,
+             "sqrt", 0)
+
+
+def probe_sizes(cfg: LmConfig) -> List[int]:
+    """The branch probe's batch sizes."""
+    return sorted({max(1, int(cfg.batch_size * f)) for f in cfg.probe_factors})
+
+
+def probe_steps(cfg: LmConfig) -> List[int]:
+    """The checkpoints the branch probe runs at: ``probes`` of them spread over the run,
+    the last at its end (each on a checkpoint step)."""
+    n = cfg.steps // cfg.eval_every
+    k = min(cfg.probes, n)
+    return sorted({cfg.eval_every * max(1, round(n * (i + 1) / k)) for i in range(k)}) if k else []
 
 
 def split(n: int, held_out: int, seed: int) -> tuple:
@@ -143,14 +177,15 @@ def trajectory(task: Task, cfg: LmConfig, train, test, seed: int, w: StudyWriter
     tokens_per = int(task.y[0].numel())
     it = batches(len(train), cfg.batch_size, torch.Generator().manual_seed(seed))
     points, seconds, last, ln_stats = [], 0.0, None, None
-    with NoiseMonitor(model, source="per_sample", every=cfg.every, beta=cfg.beta) as monitor:
+    probe_at = set(probe_steps(cfg))
+    with NoiseMonitor(model, source="per_sample", every=cfg.every, beta=cfg.beta, optimizer=opt) as monitor:
         for step in range(1, cfg.steps + 1):
             t0 = time.perf_counter()
             idx = train[next(it)]
             opt.zero_grad(set_to_none=True)
             loss = task.loss_fn(model(task.x[idx]), task.y[idx])
             loss.backward()
-            rec = monitor.step()
+            rec = monitor.step(loss=loss)
             opt.step()
             seconds += time.perf_counter() - t0
             if rec is not None:
@@ -170,10 +205,34 @@ def trajectory(task: Task, cfg: LmConfig, train, test, seed: int, w: StudyWriter
                          "ln_b_simple": _b(*ln_stats) if ln_stats else [None] * 3,
                          "layers": {k: _b(v.smoothed, v.b_simple_interval) for k, v in last.by_layer.items()}}
                 model.train()
+                if step in probe_at:
+                    point["probe"] = _probe(model, opt, task, cfg, train, test, step, seed)
                 w.write("checkpoint", **point)
                 points.append(point)
                 progress.update(1)
     return points
+
+
+def _probe(model, opt, task: Task, cfg: LmConfig, train, test, step: int, seed: int) -> Dict[str, Any]:
+    """The branch probe at this checkpoint (:func:`gradnoise.control.probe.probe`): the
+    branch-measured critical batch (McCandlish's and Merrill's) beside the raw and the
+    preconditioned ``B_simple`` at the same weights, each ``[value, low, high]``, their
+    ratios, and its wall time."""
+    held = test[:cfg.probe_eval_windows]
+    doc = probe(model, opt, (task.x[train], task.y[train]), task.loss_fn, held_out=(task.x[held], task.y[held]),
+                base_batch=cfg.batch_size, batch_sizes=probe_sizes(cfg), budget=cfg.batch_size * cfg.probe_budget_steps,
+                seeds=cfg.probe_seeds, evals=cfg.probe_evals, seed=seed + step, step=step, task=task.name, quiet=True)
+    mc, me, px = doc["mccandlish"], doc["merrill"], doc["proxy"]
+
+    def tri(v, iv):
+        return [num(v), *(num(x) if x is None or math.isfinite(x) else float(x) for x in (iv or [None, None]))]
+    return {"b_crit": tri(mc["b_noise"], mc["interval"]), "b_crit_reason": mc["reason"],
+            "merrill": tri(me["b_crit"], me["interval"]), "merrill_reason": me["reason"],
+            "b_simple": tri(px["b_simple"], px["b_simple_interval"]),
+            "preconditioned": tri(px["preconditioned"], px["preconditioned_interval"]),
+            "ratio": tri(px["ratio"], px["ratio_interval"]),
+            "preconditioned_ratio": tri(px["preconditioned_ratio"], px["preconditioned_ratio_interval"]),
+            "seconds": doc["seconds"], "branches": len(doc["branches"])}
 
 
 def _finite(v) -> bool:
@@ -221,6 +280,16 @@ def layernorm_agreement(points: List[Dict[str, Any]]) -> Dict[str, Any]:
             "rho": _rho([a for a, _ in pairs], [b for _, b in pairs])}
 
 
+def calibration(points: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The branch probes along the run: per probed checkpoint its step, tokens, held-out
+    loss, the branch-measured ``B_crit``, Merrill's, the raw, preconditioned and
+    LayerNorm-only ``B_simple`` and the ratios (``[value, low, high]``), and the wall time;
+    ``last`` the last of them."""
+    rows = [{"step": p["step"], "tokens": p["tokens"], "loss": p["loss"], "ln_b_simple": p["ln_b_simple"],
+             **p["probe"]} for p in points if p.get("probe")]
+    return {"points": rows, "last": rows[-1] if rows else None}
+
+
 def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = False,
         config: LmConfig = None) -> dict:
     """Run the study; writes ``lm-<task>.jsonl``; returns the summary.
@@ -234,6 +303,7 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
     Summary keys: ``sequence_length``, ``batch_size``, ``lr``, ``steps``, ``params``,
     ``initial_loss``, ``final_loss``, ``growth`` (:func:`growth`), ``layernorm``
     (:func:`layernorm_agreement`), ``layers`` (layer -> its last ``[b, low, high]``),
+    ``calibration`` (:func:`calibration`: the branch probes),
     ``target_loss``, ``base_batch``, ``large_batch``, ``methods`` (name -> ``reached``,
     ``runs``, and ``steps``, ``tokens``, ``seconds`` as ``{"mean", "interval", "n"}``
     over the seeds that reached the target).
@@ -258,6 +328,7 @@ def run(task: Task, out, seed: int = 0, size: str = "default", quiet: bool = Fal
                    "params": sum(p.numel() for p in task.model.parameters()), "initial_loss": initial,
                    "final_loss": last.get("loss"), "growth": growth(points, tokens_per),
                    "layernorm": layernorm_agreement(points), "layers": last.get("layers", {}),
+                   "calibration": calibration(points),
                    "target_loss": cfg.target_loss, "base_batch": cfg.base_batch, "large_batch": cfg.large_batch,
                    "methods": methods}
         w.write("summary", **summary)
@@ -273,6 +344,10 @@ def summary_line(s: dict) -> str:
         parts.append(f"B_simple {fmt_num(f['b_simple'])} at loss {fmt_num(f['loss'], 3)} → "
                      f"{fmt_with_interval(la['b_simple'], la['interval'])} sequences "
                      f"(≈ {fmt_num(la['b_simple_tokens'])} tokens) at loss {fmt_num(la['loss'], 3)}")
+    cal = (s.get("calibration") or {}).get("last")
+    if cal:
+        parts.append(f"branch B_crit {fmt_with_interval(cal['b_crit'][0], cal['b_crit'][1:])} at step {cal['step']} "
+                     f"(×{fmt_num(cal['ratio'][0], 2)} B_simple)")
     if ln.get("median_ratio") is not None:
         parts.append(f"LayerNorm-only/total ×{fmt_num(ln['median_ratio'], 2)} (ρ {fmt_num(ln.get('rho'), 2)})")
     for name, m in (s.get("methods") or {}).items():
