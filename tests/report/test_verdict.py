@@ -2,6 +2,7 @@
 agrees with every number below it, says why two critical batch sizes differ, and says
 so when the data cannot answer."""
 import json
+from pathlib import Path
 import re
 
 import pytest
@@ -252,3 +253,35 @@ def test_batch_below_two_is_said_as_it_is(tmp_path):
     path = tmp_path / "low.jsonl"
     _run_file(path, [(0, 0.9, (NAN, NAN)), (10, 0.934, (0.5, 1.6))], SGD)
     assert _one(path).batch == 1
+
+
+def _probe_file(tmp_path, **overrides):
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from probe_synth import probe_object
+    from gradnoise.formats import write_probe
+    return Path(write_probe(tmp_path / "probe-digits-mlp.json", probe_object(**overrides)))
+
+
+def test_a_probe_file_answers_with_the_measured_critical_batch(tmp_path):
+    """Issue 20: the branch-measured B_crit is the answer, the rate follows the rule the
+    branches used, and the calibration factor is said."""
+    path = _probe_file(tmp_path)
+    v = _one(path)
+    assert (v.answered, v.batch, v.basis, v.lr_rule, v.optimizer) == (True, 120, "branch B_crit", "sqrt", "AdamW")
+    assert v.lr == pytest.approx(1e-3 * (120 / 32) ** 0.5)
+    text = "\n".join(verdict_lines([path]))
+    assert "B_crit ≈ 120 [80, 200]" in text and "×1.3 [0.6, 3.3]" in text  # Adam: the preconditioned factor
+
+
+def test_a_run_beside_a_probe_is_calibrated_by_it(tmp_path):
+    run = tmp_path / "sgd.jsonl"
+    _run_file(run, [(0, 50.0, (NAN, NAN)), (10, 20.0, (10.0, 40.0)), (20, 60.0, (40.0, 90.0))], SGD,
+              lambda i: {"lr": 0.1})
+    probe = _probe_file(tmp_path)
+    from gradnoise.report.files import load
+    from gradnoise.report.verdict import verdicts
+    found = {v.name: v for v in verdicts([load(run), load(probe)], ["sgd", "probe"])}
+    v = found["sgd.jsonl"]
+    assert v.basis == "calibrated B_simple" and v.batch == 180  # 60 × the raw ratio 3
+    assert "Calibrated by the branch probe on this page: ×3" in v.because[0].text

@@ -22,7 +22,8 @@ from .series import b_simple_marks, noise_series
 MAX_REASONS = 3
 # a learning-rate rule, as the headline names it
 RULE_NAMES = {"law": "the best-rate law ε(B)", "grid": "the best rate measured nearby",
-              "adascale": "AdaScale's gain", "adam-sqrt": "the square root of AdaScale's gain"}
+              "adascale": "AdaScale's gain", "adam-sqrt": "the square root of AdaScale's gain",
+              "sqrt": "the square-root rule the branches used", "linear": "the linear rule the branches used"}
 
 
 @dataclass
@@ -36,10 +37,11 @@ class TaskVerdict:
         lower_bound: ``batch`` is a lower bound (the upper end is not determined).
         basis: what ``batch`` is: ``"B_crit"``, ``"B_simple"``, ``"preconditioned
             B_simple"`` (an Adam-type run: the noise scale of its update direction), or
-            ``"lm"`` (the language-model study's own answer).
+            ``"lm"`` (the language-model study's own answer), ``"branch B_crit"`` (a probe).
         lr: the learning rate for ``batch`` where the data give one.
         lr_factor: the multiplier of the run's learning rate for ``batch`` (run files).
-        lr_rule: ``"law"``, ``"grid"``, ``"adascale"`` or ``"adam-sqrt"``.
+        lr_rule: ``"law"``, ``"grid"``, ``"adascale"``, ``"adam-sqrt"``, or a probe's
+            ``"sqrt"``/``"linear"``.
         optimizer: the optimizer's class where the file names it.
         stage: ``"up to the loss 0.2"`` or ``"at the stage this run reached"``.
         why_not: without an answer, why (one clause).

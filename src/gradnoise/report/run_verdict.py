@@ -57,8 +57,11 @@ def _flag_text(flags: Counter) -> str:
     return ", ".join(f"{k} ×{n}" + (f" ({FLAG_FIX[k]})" if k in FLAG_FIX else "") for k, n in flags.most_common())
 
 
-def run_verdict(run: Input, anchor_id: str) -> TaskVerdict:
-    """The :class:`TaskVerdict` of one run file."""
+def run_verdict(run: Input, anchor_id: str, calibration: Optional[Dict[str, Optional[float]]] = None
+                ) -> TaskVerdict:
+    """The :class:`TaskVerdict` of one run file; ``calibration`` (a branch probe's
+    ``{"raw": ratio, "preconditioned": ratio}``) scales the noise scale the batch rests
+    on by the probe's measured factor."""
     header, steps = run.header, run.lines
     opt = header.get("optimizer") or {}
     family, name = opt.get("family"), opt.get("class")
@@ -92,6 +95,11 @@ def run_verdict(run: Input, anchor_id: str) -> TaskVerdict:
     if not determined(iv):
         return TaskVerdict(run.path.name, False, because, _more_data(flags), optimizer=name, basis=basis,
                            why_not=f"{basis} is not determined from these steps ({iv_text(iv)})")
+    ratio = (calibration or {}).get("preconditioned" if basis.startswith("preconditioned") else "raw")
+    if ratio is not None:  # the probe measured the critical batch at ratio × this noise scale
+        value, iv = value * ratio, (iv[0] * ratio, iv[1] * ratio)
+        basis = f"calibrated {basis}"
+        because[0].add(f" Calibrated by the branch probe on this page: ×{fmt_factor(ratio)}, B ≈ {fmt_num(value)}.")
     batch, lower = answer(value, iv)
     v = TaskVerdict(run.path.name, True, because, Line(), round_batch(batch), lower, basis, optimizer=name)
     _learning_rate(v, st, opt, steps, batch, anchor_id)

@@ -35,11 +35,12 @@ import numpy as np
 from ..stats import rules
 from .decision import (Stage, TaskVerdict, answer, determined, iv_text, next_step, round_batch, stage,
                        summary_of, trend)
-from .files import RUN_FORMAT, Input
+from .files import PROBE_FORMAT, RUN_FORMAT, Input
 from .fmt import domain_interval, fmt_count, fmt_factor, fmt_lr, fmt_num, fmt_text, to_float
 from .line import Line, anchor
 from .lm_calibration import calibration_text
 from .lm_section import lm_next_text, lm_verdict_text
+from .probe_verdict import calibration, probe_verdict
 from .run_verdict import run_verdict
 
 MONITOR = "a NoiseMonitor in your loop tracks B_simple"
@@ -55,14 +56,20 @@ class _Facts:
     critical: Optional[Input] = None
     lr_batch: Optional[Input] = None
     lm: Optional[Input] = None
+    probe: Optional[Input] = None
     run: Optional[Input] = None        # a run file given on its own
     run_anchor: Optional[str] = None
+    calibration: Optional[Dict[str, Optional[float]]] = None  # a run file's, from the page's one probe
 
 
 def _group(inputs: Sequence[Input], stems: Sequence[str]) -> List[_Facts]:
     by_task: Dict[str, _Facts] = {}
     out: List[_Facts] = []
     for inp, stem in zip(inputs, stems):
+        if inp.format == PROBE_FORMAT:
+            task = fmt_text(inp.header.get("task"))
+            by_task.setdefault(task, _Facts(task)).probe = inp
+            continue
         if inp.format == RUN_FORMAT:
             out.append(_Facts(inp.path.name, run=inp, run_anchor=f"run-{stem}"))
             continue
@@ -114,7 +121,9 @@ RULE_TEXT = {
 # ------------------------------------------------------------------ one task
 def _task_verdict(f: _Facts) -> TaskVerdict:
     if f.run is not None:
-        return run_verdict(f.run, f.run_anchor)
+        return run_verdict(f.run, f.run_anchor, f.calibration)
+    if f.probe is not None and f.critical is None and f.trajectory is None and f.lm is None:
+        return probe_verdict(f.probe, anchor("probe", f.task))
     crit, lrb = summary_of(f.critical), summary_of(f.lr_batch)
     crit_a, lr_a = anchor("critical-batch", f.task), anchor("lr-batch", f.task)
     st = None
@@ -269,7 +278,12 @@ def _what_to_run(f: _Facts, crit: Dict[str, Any], st: Optional[Stage]) -> Line:
 def verdicts(inputs: Sequence[Input], stems: Sequence[str]) -> List[TaskVerdict]:
     """One :class:`TaskVerdict` per task (and per run file given on its own) that has a
     study able to answer (trajectory, critical-batch, lr-batch, lm or a run file)."""
-    return [_task_verdict(g) for g in _group(inputs, stems)]
+    groups = _group(inputs, stems)
+    probes = [g.probe for g in groups if g.probe is not None]
+    if len(probes) == 1:  # one probe on the page calibrates the runs' noise scale
+        for g in groups:
+            g.calibration = calibration(probes[0]) if g.run is not None else None
+    return [_task_verdict(g) for g in groups]
 
 
 WIDTH = 100  # the terminal's (and the README's) verdict lines, in columns
