@@ -36,7 +36,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-BLOCKS = ("run", "verdict", "table")
+BLOCKS = ("run", "verdict", "table", "calibration", "schedule")
+CALIBRATION_HEAD = ("| step | held-out loss | branch B_crit | Merrill's B_crit | B_simple raw | B_simple preconditioned | "
+                    "B_simple LayerNorm | B_crit / B_simple | probe time |\n|---|---|---|---|---|---|---|---|---|")
+SCHEDULE_RUN = "trajectory-digits-mlp.run.jsonl"
 SIDECAR = "readme-figures.json"
 TABLE_HEAD = "| study | task | measured (the command's summary line) |\n|---|---|---|"
 
@@ -125,7 +128,34 @@ def render(folder: Path, torch_version: str, cores: Optional[int], seconds: Opti
     for header, summary, _ in files:
         line = get(header["study"]).line(_summary_body(summary))
         rows.append(f"| `{header['study']}` | {header['task']} | {_cell(line)} |")
-    return {"run": run, "verdict": verdict, "table": "\n".join(rows)}
+    return {"run": run, "verdict": verdict, "table": "\n".join(rows), "calibration": _calibration(files),
+            "schedule": _schedule(folder)}
+
+
+def _calibration(files) -> str:
+    """The lm study's branch probes, one row per probed checkpoint (the page's table)."""
+    from gradnoise.numbers import fmt_factor_interval, fmt_num, fmt_with_interval
+    rows = [CALIBRATION_HEAD]
+    for header, summary, _ in files:
+        for p in (summary.get("calibration") or {}).get("points") or [] if header["study"] == "lm" else []:
+            def iv(key):
+                v = p.get(key) or [None] * 3
+                return fmt_with_interval(v[0], v[1:])
+            r = p.get("ratio") or [None] * 3
+            ratio = fmt_factor_interval(r[0], r[1:])
+            rows.append(f"| {p['step']} | {fmt_num(p['loss'])} | {iv('b_crit')} | {iv('merrill')} | {iv('b_simple')} | "
+                        f"{iv('preconditioned')} | {iv('ln_b_simple')} | {ratio} | {fmt_num(p['seconds'])} s |")
+    return "\n".join(rows)
+
+
+def _schedule(folder: Path) -> str:
+    """``gradnoise schedule`` of the digits MLP's trajectory run, as a table."""
+    from gradnoise.control import schedule as sc
+    from gradnoise.control.schedule_text import render as render_schedule
+    from gradnoise.formats import read_run
+    header, steps = read_run(folder / SCHEDULE_RUN)
+    text = render_schedule(sc.build(header, steps), "table")
+    return f"`gradnoise schedule gradnoise-report/{SCHEDULE_RUN}`:\n\n```\n{text}\n```"
 
 
 # ---------------------------------------------------------------- the README's blocks

@@ -346,7 +346,7 @@ def test_schedule_cli_four_formats(tmp_path):
     assert sizes[0] == 32 and len(sizes) > 3 and all(b == 2 * a for a, b in zip(sizes, sizes[1:]))
     assert all(int(r["tokens"]) == 128 * int(r["samples"]) for r in rows)
     obj = json.loads(gradnoise("schedule", run, "--format", "json", "--max", "512", timeout=120).stdout)
-    assert obj["format"] == "gradnoise-schedule" and obj["units"]["samples"] and obj["lr_rule"] == "sqrt"
+    assert obj["format"] == "gradnoise-schedule" and obj["units"]["samples"] and obj["lr_rule"] == "adam_sqrt"
     assert obj["segments"][-1]["batch_size"] == 512 and obj["segments"][-1]["tokens_per_batch"] == 512 * 128
     assert [s["batch_size"] for s in obj["segments"]] == [b for b in sizes if b <= 512]
     meg = gradnoise("schedule", run, "--format", "megatron", "--max", "512", timeout=120)

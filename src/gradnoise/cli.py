@@ -100,7 +100,7 @@ def _schedule_parser(sub) -> None:
     s.add_argument("--criterion", choices=("low", "value"), default="low",
                    help="low: the interval's lower end (default); value: the smoothed value")
     s.add_argument("--lr-rule", choices=("linear", "sqrt", "adascale", "adam_sqrt"),
-                   help="default: sqrt for Adam-family and unknown optimizers, adascale for SGD")
+                   help="default: adam_sqrt for Adam-family, adascale for SGD, sqrt for unknown optimizers")
     _debug_option(s)
 
 

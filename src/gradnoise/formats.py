@@ -119,8 +119,8 @@ with unbounded ends written ``"inf"`` / ``"-inf"``):
     ``to_batch``.
 
 ``gradnoise-probe`` (the branch probe at one checkpoint), version 1: one JSON object,
-``<out>/probe-<task>.json``, written by ``gradnoise probe`` and ``gradnoise.probe(...).write``
-(:func:`write_probe`), read by :func:`read_probe`::
+``<out>/probe-<task>.json``, written by ``gradnoise probe`` (or ``write_probe(path,
+gradnoise.probe(...))``, :func:`write_probe`), read by :func:`read_probe`::
 
     {"format": "gradnoise-probe", "version": 1, "created": "2026-…+00:00",
      "task": "digits-mlp", "checkpoint": {"step": 300, "loss": 0.41},
@@ -147,7 +147,7 @@ with unbounded ends written ``"inf"`` / ``"-inf"``):
 the branch point; ``optimizer`` is :func:`gradnoise.monitor.precond.describe` of the
 parent's optimizer; ``base_batch`` and ``lr`` the parent's batch size and learning rate;
 ``lr_rule`` how a branch's rate follows its batch size (``"sqrt"`` for the Adam family,
-``"linear"`` for SGD, or ``"adascale"``); ``budget`` the samples each branch may use (the
+``"linear"`` for SGD); ``budget`` the samples each branch may use (the
 fixed budget of Merrill's form). ``branches`` has one entry per (batch size, seed): its
 rate, steps taken, whether it diverged, its held-out loss ``curve`` evaluated along the
 branch (first point: the checkpoint), the steps and examples it took to reach

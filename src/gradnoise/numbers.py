@@ -113,3 +113,10 @@ def fmt_with_interval(value: Any, iv: Any, digits: int = 3, signed: bool = False
     if band.startswith("["):
         return f"{text} {band}"
     return f"{text} (interval {band})" if band == UNDETERMINED else f"{text} (95 % interval {band})"
+
+
+def fmt_factor_interval(v: Any, iv: Any) -> str:
+    """A ratio with its interval, ``"×3 [1.5, 6.7]"`` (factor precision; ``"—"`` when
+    undefined)."""
+    text = fmt_with_interval(v, iv, FACTOR_DIGITS)
+    return text if text == DASH else f"×{text}"

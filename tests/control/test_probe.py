@@ -125,6 +125,9 @@ def test_branches_start_alike_draw_their_own_numbers_and_leave_the_parent_alone(
     ({"lr_rule": "cosine"}, "lr_rule"),
     ({"lr_grid": (0, 1)}, "lr_grid"),
     ({"tolerance": 2}, "tolerance"),
+    ({"evals": 0}, "evals"),
+    ({"proxy_batches": 1}, "proxy_batches"),
+    ({"target_fraction": 0}, "target_fraction"),
 ])
 def test_bad_input_is_refused_before_any_work(kw, match, monkeypatch):
     model, train, held = _small()
@@ -152,3 +155,14 @@ def test_a_budget_too_small_to_lower_the_loss_says_so():
     assert doc["mccandlish"]["b_noise"] is None and "raise --budget (e.g. to 128)" in doc["mccandlish"]["reason"]
     assert doc["merrill"]["b_crit"] is None and "raise --budget" in doc["merrill"]["reason"]
     assert doc["proxy"]["ratio"] is None
+
+
+def test_a_model_the_engine_refuses_fails_before_any_branch(monkeypatch):
+    """BatchNorm in training mode: the noise scale is measured first, so its error comes
+    before the branches' work."""
+    model, train, held = _small()
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    monkeypatch.setattr(P, "run_branch", lambda *a, **k: pytest.fail("a branch ran"))
+    with pytest.raises(gradnoise.errors.SampleMixingError):
+        gradnoise.probe(model, torch.optim.SGD(model.parameters(), lr=0.1), train, nn.functional.cross_entropy,
+                        held_out=held, base_batch=8, budget=256, quiet=True)

@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..capture import Capture
+from ..formats import PROBE_FORMAT, PROBE_VERSION
 from ..monitor import precond
 from ..stats import branches as fits
 from ..stats.smoothing import fieller
@@ -213,6 +214,13 @@ def probe(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, loss_
     specs, budget = plan(base_batch, len(train[0]), batch_sizes, budget, seeds, rule, seed, lr_grid)
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
+    for name, v in (("evals", evals), ("proxy_batches", proxy_batches)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "evals" else 2):
+            raise ValueError(f"{name} must be an int ≥ {1 if name == 'evals' else 2}, got {v!r}")
+    if not 0 < target_fraction <= 1:
+        raise ValueError(f"target_fraction must be in (0, 1], got {target_fraction!r}")
+    # the noise scale first: cheap, and a model the per-sample engine refuses fails before any branch
+    proxy = _proxy(model, optimizer, train, loss_fn, base_batch, proxy_batches, seed)
     start = held_out_loss(model, held_out, loss_fn)
     rank, world = 0, 1
     if dist.is_available() and dist.is_initialized():
@@ -224,11 +232,10 @@ def probe(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, loss_
     first = {i for i, _ in base}
     rest = [(i, dataclasses.replace(s, target=target)) for i, s in enumerate(specs) if i not in first]
     done.update(_run(rest, *args))
-    proxy = _proxy(model, optimizer, train, loss_fn, base_batch, proxy_batches, seed)
     lr = precond.current_lr(optimizer)
     doc = _readings(specs, done, start, target, budget, tolerance, seed, lr)
     doc["proxy"] = {**proxy, **_ratios(doc["mccandlish"], proxy)}
-    return {"format": "gradnoise-probe", "version": 1,
+    return {"format": PROBE_FORMAT, "version": PROBE_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "task": task or type(model).__name__, "checkpoint": {"step": step, "loss": start},
             "optimizer": precond.describe(optimizer), "base_batch": base_batch, "lr": lr, "lr_rule": rule,

@@ -29,8 +29,9 @@ throughout), from the samples consumed after that step. An undefined ``s_t`` (no
 yet, ``[0, inf]`` interval read as low 0) restarts the count.
 
 The learning rate. ``lr = base_lr · m(base, B)`` with the rules of
-:mod:`gradnoise.stats.rules`: ``sqrt`` for the Adam family (and for an unknown
-optimizer, the cautious choice), ``adascale`` for SGD (``linear`` on request;
+:mod:`gradnoise.stats.rules`: ``adam_sqrt`` (the square root of AdaScale's gain, the rule
+the report's verdict gives the same run) for the Adam family, ``adascale`` for SGD,
+``sqrt`` for an unknown optimizer (the cautious choice; ``linear`` on request;
 AdaScale's and ``adam_sqrt``'s ``B_noise`` is ``c · B_simple_t`` at the switch).
 ``base_lr`` is the run header's ``optimizer.lr``, else the first step's ``lr``.
 
@@ -195,8 +196,10 @@ def _multiplier(rule: str, base: int, b: int, b_noise: float, prev: float) -> fl
 
 
 def default_rule(family: Optional[str]) -> str:
-    """``sqrt`` for the Adam family and unknown optimizers, ``adascale`` for SGD."""
-    return "adascale" if family == "sgd" else "sqrt"
+    """``adam_sqrt`` (the square root of AdaScale's gain, as ``gradnoise report`` and
+    AdaScale's adam-sqrt mode advise) for the Adam family, ``adascale`` for SGD, ``sqrt``
+    for an unknown optimizer (the cautious choice)."""
+    return {"sgd": "adascale", "adam": "adam_sqrt"}.get(family, "sqrt")
 
 
 def build(header: Dict[str, Any], steps: Sequence[Dict[str, Any]], *, base: Optional[int] = None,

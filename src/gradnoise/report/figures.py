@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, LogLocator, NullLocator
 from PIL import Image
 
+from ..formats import interval
 from .fmt import fmt_count, fmt_num
 
 DPI = 90
@@ -183,3 +184,17 @@ def legend(ax: Axes, small: bool = False) -> None:
     if len(handles) > 1:
         ax.legend(fontsize=7 if small else 8, ncol=2 if small and len(handles) > 5 else 1,
                   framealpha=0.8)
+
+
+def vertical_band(ax: Axes, value: float, iv: Any, color: str, label: str) -> None:
+    """A vertical line at ``value`` with its interval shaded (unbounded ends clipped)."""
+    if not (math.isfinite(value) and value > 0):
+        return
+    ax.axvline(value, color=color, linestyle="--", linewidth=1.2, label=label)
+    low, high = interval(iv)
+    x0, x1 = ax.get_xlim()
+    low = x0 if not math.isfinite(low) or low <= 0 else max(low, x0)
+    high = x1 if not math.isfinite(high) else min(high, x1)
+    if high > low:
+        ax.axvspan(low, high, color=color, alpha=0.12)
+    ax.set_xlim(x0, x1)

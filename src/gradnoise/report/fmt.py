@@ -14,11 +14,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..formats import interval, to_float
-from ..numbers import (DASH, FACTOR_DIGITS, NUMBER_DIGITS, UNDETERMINED, domain_interval, fmt_count, fmt_factor,
+from ..numbers import (DASH, FACTOR_DIGITS, NUMBER_DIGITS, UNDETERMINED, domain_interval, fmt_count, fmt_factor, fmt_factor_interval,
                        fmt_interval, fmt_lr, fmt_num, fmt_share, fmt_with_interval, fmt_z)
 
 __all__ = ["DASH", "FACTOR_DIGITS", "NUMBER_DIGITS", "UNDETERMINED", "domain_interval", "floats", "fmt_count",
-           "fmt_factor", "fmt_interval", "fmt_lr", "fmt_num", "fmt_share", "fmt_text", "fmt_with_interval", "fmt_z",
+           "fmt_factor", "fmt_factor_interval", "fmt_interval", "fmt_lr", "fmt_num", "fmt_share", "fmt_text", "fmt_with_interval", "fmt_z",
            "interval", "slug", "to_float"]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import html as h
 from .figures import COLORS, Plot, finish, legend, limits, log_axis, new_figure, note_empty
-from .fmt import fmt_count, fmt_factor, fmt_num, fmt_with_interval
+from .fmt import fmt_count, fmt_factor_interval, fmt_num, fmt_with_interval
 
 SERIES = (("b_crit", "branch B_crit (McCandlish)"), ("b_simple", "B_simple, raw"),
           ("preconditioned", "B_simple, AdamW-preconditioned"), ("ln_b_simple", "B_simple, LayerNorm only"))
@@ -63,9 +63,8 @@ def calibration_table(rows: Sequence[Dict[str, Any]]) -> str:
             return fmt_with_interval(v[0], v[1:])
         ratio = r.get("ratio") or [None] * 3
         out.append((fmt_count(r.get("step")), fmt_num(r.get("loss")), iv("b_crit"), iv("merrill"), iv("b_simple"),
-                    iv("preconditioned"), iv("ln_b_simple"),
-                    f"×{fmt_factor(ratio[0])} [{fmt_factor(ratio[1])}, {fmt_factor(ratio[2])}]"
-                    if ratio[0] is not None else "—", f"{fmt_num(r.get('seconds'))} s"))
+                    iv("preconditioned"), iv("ln_b_simple"), fmt_factor_interval(ratio[0], ratio[1:]),
+                    f"{fmt_num(r.get('seconds'))} s"))
     return h.table(("step", "held-out loss", "branch B_crit", "Merrill's B_crit", "B_simple raw",
                     "B_simple preconditioned", "B_simple LayerNorm", "B_crit / B_simple", "probe time"), out)
 
@@ -80,8 +79,7 @@ def calibration_text(summary: Dict[str, Any]) -> Optional[str]:
     text = (f"Branches at step {fmt_count(last['step'])} measured the critical batch at "
             f"{fmt_with_interval(b[0], b[1:])} sequences")
     if ratio[0] is not None:
-        text += (f", ×{fmt_factor(ratio[0])} [{fmt_factor(ratio[1])}, {fmt_factor(ratio[2])}] the raw B_simple "
-                 "at the same weights")
+        text += f", {fmt_factor_interval(ratio[0], ratio[1:])} the raw B_simple at the same weights"
     return text + "."
 
 

@@ -14,7 +14,7 @@ from matplotlib.axes import Axes
 
 from ..stats.fits import frontier
 from .figures import (COLORS, Plot, finish, legend, limits, log_axis, log_spaced, new_figure, note_empty,
-                      value_ticks, wide_positive)
+                      value_ticks, wide_positive, vertical_band)
 from .fmt import floats, fmt_count, interval, to_float
 
 Probe = Dict[str, Any]
@@ -83,20 +83,6 @@ def _curves_panel(ax: Axes, probe: Probe, sizes: List[float]) -> None:
     legend(ax, small=True)
 
 
-def _vertical(ax: Axes, value: float, iv: Any, color: str, label: str) -> None:
-    """A vertical line at ``value`` with its interval shaded (unbounded ends clipped)."""
-    if not (math.isfinite(value) and value > 0):
-        return
-    ax.axvline(value, color=color, linestyle="--", linewidth=1.2, label=label)
-    low, high = interval(iv)
-    x0, x1 = ax.get_xlim()
-    low = x0 if not math.isfinite(low) or low <= 0 else max(low, x0)
-    high = x1 if not math.isfinite(high) else min(high, x1)
-    if high > low:
-        ax.axvspan(low, high, color=color, alpha=0.12)
-    ax.set_xlim(x0, x1)
-
-
 def _per_seed(ax: Axes, probe: Probe, reading: str, key: str, label: str) -> np.ndarray:
     """``key`` of every branch behind ``reading`` against its batch size, small grey
     points; the values."""
@@ -137,7 +123,7 @@ def _steps_panel(ax: Axes, probe: Probe, sizes: List[float]) -> None:
     ylim = limits(shown, log=True)
     if ylim is not None:
         ax.set_ylim(*ylim)
-    _vertical(ax, b_noise, mc.get("interval"), COLORS[1], "branch B_crit (95 % interval)")
+    vertical_band(ax, b_noise, mc.get("interval"), COLORS[1], "branch B_crit (95 % interval)")
     legend(ax, small=True)
 
 
@@ -163,7 +149,7 @@ def _budget_panel(ax: Axes, probe: Probe, sizes: List[float]) -> None:
     ylim = limits([seeds, med[keep], ivs[keep].ravel(), [best]], log=False)
     if ylim is not None:
         ax.set_ylim(*ylim)
-    _vertical(ax, to_float(me.get("b_crit")), me.get("interval"), COLORS[2], "Merrill's b_crit (95 % interval)")
+    vertical_band(ax, to_float(me.get("b_crit")), me.get("interval"), COLORS[2], "Merrill's b_crit (95 % interval)")
     legend(ax, small=True)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 from . import html as h
 from .figures import Plot
 from .files import Input
-from .fmt import (DASH, FACTOR_DIGITS, fmt_count, fmt_lr, fmt_num, fmt_text, fmt_with_interval, slug, to_float)
+from .fmt import (DASH, fmt_count, fmt_factor_interval, fmt_lr, fmt_num, fmt_text, fmt_with_interval, slug, to_float)
 from .line import anchor
 from .probe_figures import batch_sizes, chosen, probe_figure
 
@@ -42,12 +42,6 @@ def _dash(text: str, reason: Optional[str]) -> str:
     if text != DASH or not reason:
         return text
     return f"{DASH} ({reason})"
-
-
-def _factor(value: Any, iv: Any) -> str:
-    """A ratio of two batch sizes with its interval: ``"×3 [1.5, 6.7]"``."""
-    text = fmt_with_interval(value, iv, FACTOR_DIGITS)
-    return text if text == DASH else f"×{text}"
 
 
 def _defined(v: Any) -> bool:
@@ -83,10 +77,10 @@ def calibration_rows(probe: Probe) -> List[Tuple[str, str]]:
          _dash(fmt_with_interval(px.get("b_simple"), px.get("b_simple_interval")), raw_reason)),
         ("B_simple, preconditioned (the optimizer's update direction)",
          _dash(fmt_with_interval(px.get("preconditioned"), px.get("preconditioned_interval")), pre_reason)),
-        ("branch B_crit / raw B_simple", _dash(_factor(px.get("ratio"), px.get("ratio_interval")),
+        ("branch B_crit / raw B_simple", _dash(fmt_factor_interval(px.get("ratio"), px.get("ratio_interval")),
                                                ratio_reason(px.get("b_simple"), "raw B_simple"))),
         ("branch B_crit / preconditioned B_simple",
-         _dash(_factor(px.get("preconditioned_ratio"), px.get("preconditioned_ratio_interval")),
+         _dash(fmt_factor_interval(px.get("preconditioned_ratio"), px.get("preconditioned_ratio_interval")),
                ratio_reason(px.get("preconditioned"), "preconditioned B_simple: " + pre_reason))),
     ]
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from .decision import TaskVerdict, determined, round_batch
 from .files import Input
-from .fmt import domain_interval, fmt_count, fmt_factor, fmt_lr, fmt_num, fmt_with_interval, to_float
+from .fmt import domain_interval, fmt_count, fmt_factor_interval, fmt_lr, fmt_num, fmt_with_interval, to_float
 from .line import Line
 
 
@@ -59,9 +59,9 @@ def probe_verdict(probe: Input, anchor_id: str) -> TaskVerdict:
                          "weights is B_simple ≈ ").add(fmt_with_interval(px.get(key), px.get(f"{key}_interval")),
                                                        anchor_id)
         if ratio is not None:
-            iv = px.get("preconditioned_ratio_interval" if key == "preconditioned" else "ratio_interval") or [None] * 2
-            cal.add(f": the measured critical batch is ×{fmt_factor(ratio)} [{fmt_factor(iv[0])}, {fmt_factor(iv[1])}] "
-                    "it (gradnoise schedule --calibration uses this factor).")
+            iv = px.get("preconditioned_ratio_interval" if key == "preconditioned" else "ratio_interval")
+            cal.add(f": the measured critical batch is {fmt_factor_interval(ratio, iv)} it (gradnoise schedule "
+                    "--calibration uses this factor).")
         else:
             cal.add(".")
         because.append(cal)

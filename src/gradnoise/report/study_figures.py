@@ -14,7 +14,7 @@ from matplotlib.axes import Axes
 from ..stats.fits import frontier
 from ..stats.smoothing import Z95
 from .figures import (COLORS, Plot, finish, legend, limits, log_axis, log_spaced, new_figure, note_empty,
-                      value_ticks)
+                      value_ticks, vertical_band)
 from .fmt import floats, fmt_count, interval, to_float
 
 Lines = Sequence[Dict[str, Any]]
@@ -119,20 +119,6 @@ def _frontier_panel(ax: Axes, best: Lines, summary: Dict[str, Any]) -> None:
     legend(ax, small=True)
 
 
-def _vertical(ax: Axes, value: float, iv: Any, color: str, label: str) -> None:
-    """A vertical line at ``value`` with its interval shaded (unbounded ends clipped)."""
-    if not (math.isfinite(value) and value > 0):
-        return
-    ax.axvline(value, color=color, linestyle="--", linewidth=1.2, label=label)
-    low, high = interval(iv)
-    x0, x1 = ax.get_xlim()
-    low = x0 if not math.isfinite(low) or low <= 0 else max(low, x0)
-    high = x1 if not math.isfinite(high) else min(high, x1)
-    if high > low:
-        ax.axvspan(low, high, color=color, alpha=0.12)
-    ax.set_xlim(x0, x1)
-
-
 def _steps_panel(ax: Axes, runs: Lines, best: Lines, summary: Dict[str, Any]) -> None:
     ax.set(title="Steps to the target vs batch size", xlabel="batch size B (samples)",
            ylabel="optimizer steps S to the target")
@@ -153,8 +139,8 @@ def _steps_panel(ax: Axes, runs: Lines, best: Lines, summary: Dict[str, Any]) ->
         ax.plot(grid, frontier(grid, s_min, b_crit)[0], color=COLORS[1], label="fit S_min(1 + B_crit/B)")
     ax.set_xlim(grid[0], grid[-1])
     value_ticks(ax, "x", b[keep])
-    _vertical(ax, b_crit, summary.get("b_crit_interval"), COLORS[1], "B_crit (95 % interval)")
-    _vertical(ax, to_float(summary.get("b_simple")), summary.get("b_simple_interval"), COLORS[2],
+    vertical_band(ax, b_crit, summary.get("b_crit_interval"), COLORS[1], "B_crit (95 % interval)")
+    vertical_band(ax, to_float(summary.get("b_simple")), summary.get("b_simple_interval"), COLORS[2],
               "measured B_simple (range over runs)")
     legend(ax, small=True)
 

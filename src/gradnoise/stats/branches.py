@@ -30,6 +30,7 @@ import numpy as np
 from .fits import fit_hyperbolic
 
 Curve = Sequence[Sequence[float]]   # [(samples, steps, loss), ...]
+SPAN = 1e3  # B_noise is searched in [min B / SPAN, max B · SPAN]; an interval end there is unbounded
 
 
 def crossing(curve: Curve, target: float) -> Optional[Tuple[float, float]]:
@@ -64,6 +65,13 @@ def common_target(start: float, base_losses: Sequence[float], fraction: float = 
     return start - fraction * drop if math.isfinite(drop) and drop > 0 else math.nan
 
 
+def _spread(values: Sequence[float]) -> List[float]:
+    """The 2.5 and 97.5 percentiles of a few seeds' values, taken at observed values (a
+    diverged branch's ``inf`` stays ``inf``, never an interpolated NaN)."""
+    v = np.asarray(values, dtype=float)
+    return [float(np.percentile(v, 2.5, method="lower")), float(np.percentile(v, 97.5, method="higher"))]
+
+
 def _medians(by_batch: Dict[int, List[float]]) -> Dict[int, float]:
     return {b: float(np.median(v)) for b, v in by_batch.items() if v}
 
@@ -82,7 +90,7 @@ def mccandlish(steps_by_batch: Dict[int, List[float]], n_boot: int = 200, seed: 
     if len(med) < 3:
         out["reason"] = f"only {len(med)} batch size(s) reached the target in most seeds (3 are needed)"
         return out
-    fit = fit_hyperbolic(list(med), list(med.values()), s=1.0, n_boot=n_boot, seed=seed)
+    fit = fit_hyperbolic(list(med), list(med.values()), s=1.0, n_boot=n_boot, seed=seed, span=SPAN)
     if fit.at_bound:
         out["reason"] = ("the steps do not bend within the sweep (every batch size far above or below B_noise): "
                          "widen --batch-sizes")
@@ -93,10 +101,16 @@ def mccandlish(steps_by_batch: Dict[int, List[float]], n_boot: int = 200, seed: 
         res = {b: float(np.median(rng.choice(v, size=len(v)))) for b, v in steps_by_batch.items() if v}
         res = {b: m for b, m in res.items() if math.isfinite(m) and m > 0}
         if len(res) >= 3:
-            boots.append(fit_hyperbolic(list(res), list(res.values()), s=1.0, n_boot=0).c)
-    lo, hi = (np.percentile(boots, [2.5, 97.5]) if boots else (math.nan, math.nan))
+            refit = fit_hyperbolic(list(res), list(res.values()), s=1.0, n_boot=0, span=SPAN)
+            if not refit.at_bound:  # a resample whose bend leaves the search range says nothing of c
+                boots.append(refit.c)
+    ends = [(float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)))] if boots else []
+    ends += [fit.interval] if all(math.isfinite(x) for x in fit.interval) else []
     # the hull of both: the seeds' scatter, and how far the points stray from the law
-    lo, hi = min(lo, fit.interval[0]), max(hi, fit.interval[1])
+    lo, hi = (min(e[0] for e in ends), max(e[1] for e in ends)) if ends else (math.nan, math.nan)
+    # an end at the fit's search range is no bound at all: the data do not limit it there
+    lo = 0.0 if lo <= min(med) / SPAN * (1 + 1e-6) else lo
+    hi = math.inf if hi >= max(med) * SPAN / (1 + 1e-6) else hi
     out.update(b_noise=fit.c, interval=[float(lo), float(hi)], s_min=fit.a, e_min=fit.a * fit.c)
     return out
 
@@ -118,8 +132,7 @@ def largest_within(start: float, loss_by_batch: Dict[int, List[float]], toleranc
         return max(ok), best
 
     med = _medians({b: [v if math.isfinite(v) else math.inf for v in vals] for b, vals in loss_by_batch.items()})
-    losses = [[b, med[b], [float(np.percentile(loss_by_batch[b], 2.5)), float(np.percentile(loss_by_batch[b], 97.5))]]
-              for b in sorted(med)]
+    losses = [[b, med[b], _spread(loss_by_batch[b])] for b in sorted(med)]
     b_crit, best = pick(med)
     out: Dict[str, object] = {"b_crit": b_crit, "interval": [None, None], "tolerance": tolerance,
                               "best_loss": best, "losses": losses, "reason": None}

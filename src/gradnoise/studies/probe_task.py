@@ -33,7 +33,7 @@ from torch import nn
 from ..control.probe import plan, probe
 from ..formats import write_probe
 from ..monitor import precond
-from ..numbers import DASH, FACTOR_DIGITS, fmt_count, fmt_lr, fmt_num, fmt_share, fmt_with_interval
+from ..numbers import DASH, fmt_count, fmt_factor_interval, fmt_lr, fmt_num, fmt_share, fmt_with_interval
 from .task import Task, load
 
 HELD_OUT = 6                  # one sample in this many is held out
@@ -247,11 +247,6 @@ def _value(value: Any, iv: Any, reason: Optional[str]) -> str:
     return f"{text} ({reason})" if text == DASH and reason else text
 
 
-def _ratio(value: Any, iv: Any) -> str:
-    text = fmt_with_interval(value, iv, FACTOR_DIGITS)
-    return text if text == DASH else f"×{text}"
-
-
 def summary_lines(doc: Dict[str, Any]) -> List[str]:
     """The probe's readings for a terminal: both branch values and both proxies with
     their 95 % intervals, the ratios, the wall time."""
@@ -262,9 +257,9 @@ def summary_lines(doc: Dict[str, Any]) -> List[str]:
              _value(me["b_crit"], me["interval"], me.get("reason"))),
             ("B_simple, raw", _value(px["b_simple"], px["b_simple_interval"], None)),
             ("B_simple, preconditioned", _value(px["preconditioned"], px["preconditioned_interval"], pre_reason)),
-            ("branch B_crit / raw B_simple", _ratio(px["ratio"], px["ratio_interval"]))]
+            ("branch B_crit / raw B_simple", fmt_factor_interval(px["ratio"], px["ratio_interval"]))]
     if px.get("preconditioned") is not None:
-        rows.append(("branch B_crit / preconditioned", _ratio(px["preconditioned_ratio"],
+        rows.append(("branch B_crit / preconditioned", fmt_factor_interval(px["preconditioned_ratio"],
                                                                px["preconditioned_ratio_interval"])))
     rows.append(("wall time", f"{fmt_num(doc['seconds'])} s"))
     width = max(len(label) for label, _ in rows) + 2
