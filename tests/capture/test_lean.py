@@ -11,6 +11,7 @@ from torch import nn
 
 import gradnoise
 import reference as R
+from checks import check_capture
 from gradnoise.capture import lean, store
 from gradnoise.capture.forms import Factored
 
@@ -22,13 +23,7 @@ def loss_fn(out, y):
 
 
 def _check(model, x, y, **kw):
-    with gradnoise.capture.Capture(model, **kw) as cap:
-        loss_fn(model(x), y).backward()
-    want = R.per_sample_sq_norms(model, loss_fn, x, y)
-    got = cap.per_sample_sq_norms
-    assert set(got) == set(want)
-    for k, w in want.items():
-        torch.testing.assert_close(got[k].double(), w, rtol=1e-9, atol=1e-12 * float(w.max()), msg=k)
+    check_capture(model, x, y, loss_fn, rtol=1e-9, **kw)
 
 
 @pytest.fixture

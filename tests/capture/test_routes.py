@@ -9,6 +9,7 @@ import torch
 
 import gradnoise
 import reference as R
+from checks import assert_norms_match
 from gradnoise.capture import conv
 from gradnoise.capture.conv import ConvForm
 from gradnoise.capture.forms import Factored
@@ -48,9 +49,7 @@ def _run(name, policy, monkeypatch):
 
 
 def _assert_match(got, want):
-    assert set(got) == set(want)
-    for k, w in want.items():
-        torch.testing.assert_close(got[k].double(), w, rtol=1e-6, atol=1e-12 * float(w.max()), msg=k)
+    assert_norms_match(got, want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", SEQUENCE)

@@ -9,6 +9,7 @@ from torch import nn
 
 import gradnoise
 import reference as R
+from checks import check_capture
 from gradnoise.capture import layout as L
 from gradnoise.capture.layout import Layout
 from gradnoise.errors import GradNoiseError, UnsupportedUseError
@@ -17,13 +18,7 @@ from gradnoise.errors import GradNoiseError, UnsupportedUseError
 def _check(model, x, y, loss_fn=None):
     loss_fn = loss_fn or (lambda out, t: F.mse_loss(out, t))
     model, x, y = model.double(), x.double(), y.double()
-    with gradnoise.capture(model) as cap:
-        loss_fn(model(x), y).backward()
-    want = R.per_sample_sq_norms(model, loss_fn, x, y)
-    got = cap.per_sample_sq_norms
-    assert set(got) == set(want)
-    for k, w in want.items():
-        torch.testing.assert_close(got[k].double(), w, rtol=1e-7, atol=1e-12 * float(w.max()), msg=k)
+    check_capture(model, x, y, loss_fn)
 
 
 CONVS = [

@@ -12,6 +12,7 @@ from torch import nn
 
 import gradnoise
 import reference as R
+from checks import check_capture
 from gradnoise.capture import forms, store
 
 
@@ -31,14 +32,7 @@ def factored_only(monkeypatch):
 
 
 def _check(model, x, y, loss_fn, rtol=1e-7):
-    with gradnoise.capture(model) as cap:
-        loss_fn(R.call(model, x), y).backward()
-    want = R.per_sample_sq_norms(model, loss_fn, x, y)
-    got = cap.per_sample_sq_norms
-    assert set(got) == set(want)
-    for k, w in want.items():
-        torch.testing.assert_close(got[k].double(), w, rtol=rtol, atol=1e-12 * float(w.max()), msg=k)
-    return got
+    return check_capture(model, x, y, loss_fn, rtol)
 
 
 def _ce(out, y):
