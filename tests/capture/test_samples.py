@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradnoise
-import reference as R
 from checks import check_capture
 from gradnoise.capture import layout as L
 from gradnoise.capture.layout import Layout
