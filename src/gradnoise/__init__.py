@@ -39,7 +39,7 @@ _LAZY: Dict[str, Tuple[str, Any]] = {
     "TensorBoardSink": (".monitor.sinks", "TensorBoardSink"),
     "NoiseStats": (".stats.noise", "NoiseStats"),
     "probe": (".control.probe", "probe"),
-    "save_checkpoint": (".studies.probe_task", "save_checkpoint"),
+    "save_checkpoint": (".control.checkpoint", "save_checkpoint"),
 }
 
 

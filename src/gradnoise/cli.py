@@ -112,7 +112,7 @@ def _probe_parser(sub) -> None:
                    help="digits-mlp, digits-cnn, pydoc-gpt, or your task as path/to/file.py:function or "
                         "package.module:function")
     s.add_argument("--checkpoint", metavar="PATH", help="torch.save({'model', 'optimizer', 'step'}) of your loop "
-                                                        "(gradnoise.studies.probe_task.save_checkpoint); default: train "
+                                                        "(gradnoise.save_checkpoint); default: train "
                                                         "from the start")
     s.add_argument("--batch-sizes", type=_sizes, help="comma-separated branch batch sizes (default base × ½ … 16)")
     s.add_argument("--seeds", type=_count, default=3, help="branches per batch size (default 3)")

@@ -506,6 +506,16 @@ def check_probe(obj: Any, where: str) -> Dict[str, Any]:
     return obj
 
 
+def probe_ratio(probe: Dict[str, Any], preconditioned: bool) -> Tuple[Optional[float], str]:
+    """``(ratio, key)``: the probe's measured critical batch over the noise scale a run
+    rests on — ``proxy.preconditioned_ratio`` (an Adam run's update direction) or
+    ``proxy.ratio`` (raw) — None where it is missing, undefined or not positive."""
+    key = "preconditioned_ratio" if preconditioned else "ratio"
+    proxy = probe.get("proxy") if isinstance(probe.get("proxy"), dict) else {}
+    v = to_float(proxy.get(key))
+    return (v if math.isfinite(v) and v > 0 else None), key
+
+
 def read_probe(path: "os.PathLike[str] | str") -> Dict[str, Any]:
     """Read and validate a ``gradnoise-probe`` file.
 

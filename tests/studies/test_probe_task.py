@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import gradnoise
 import gradnoise.control.probe as control_probe
 from gradnoise.cli import main
 from gradnoise.control.branch import held_out_loss
@@ -55,7 +56,7 @@ def _trained(optimizer: str = "adamw", steps: int = 3):
 
 def test_a_checkpoint_round_trips(tmp_path, capsys):
     task, model, opt = _trained("adamw")
-    path = probe_task.save_checkpoint(tmp_path / "ck.pt", model, opt, 7)
+    path = gradnoise.save_checkpoint(tmp_path / "ck.pt", model, opt, 7)
     cfg = probe_task.Config("digits-mlp", checkpoint=path, optimizer="adamw", base_batch=16,
                             batch_sizes=(8, 16, 32), seeds=2, budget=64)
     p = probe_task.prepare(cfg)
@@ -187,7 +188,7 @@ def test_the_task_is_required(capsys):
 def test_save_checkpoint_refuses_a_bad_step(tmp_path):
     _, model, opt = _trained("sgd", 1)
     with pytest.raises(ValueError, match="step"):
-        probe_task.save_checkpoint(tmp_path / "ck.pt", model, opt, -2)
+        gradnoise.save_checkpoint(tmp_path / "ck.pt", model, opt, -2)
 
 
 def test_the_split_is_seeded_and_disjoint():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -73,12 +73,12 @@ def held_out_loss(model: nn.Module, data: Data, loss_fn: LossFn, chunk: int = 10
 
 
 def run_branch(spec: BranchSpec, model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, held_out: Data,
-               loss_fn: LossFn, evals: int = 16) -> Tuple[List[List[float]], bool]:
+               loss_fn: LossFn, evals: int = 16, start: Optional[float] = None) -> Tuple[List[List[float]], bool]:
     """Train a copy for ``spec.steps`` steps of ``spec.batch_size`` samples drawn without
     replacement from ``train``, learning rates times ``spec.lr_factor``.
 
     Returns ``(curve, diverged)``: ``curve`` ``[[samples, steps, held-out loss], …]`` at
-    the checkpoint, about ``evals`` evenly spaced steps and the last (or where it reached
+    the checkpoint (``start`` when the caller has it), about ``evals`` evenly spaced steps and the last (or where it reached
     its target past its budget); ``diverged`` when the training loss stopped being finite
     (the branch stops there)."""
     twin = copy.deepcopy(model).train()
@@ -91,7 +91,7 @@ def run_branch(spec: BranchSpec, model: nn.Module, optimizer: torch.optim.Optimi
     x, y = train
     b, every = spec.batch_size, max(1, spec.steps // evals)
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    curve = [[0.0, 0.0, held_out_loss(twin, held_out, loss_fn)]]
+    curve = [[0.0, 0.0, held_out_loss(twin, held_out, loss_fn) if start is None else start]]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(spec.seed)
         gen = torch.Generator().manual_seed(spec.seed)

@@ -48,7 +48,9 @@ MIN_STEPS = 4
 DEFAULT_BUDGET_STEPS = 64         # the default budget: this many steps of the base batch
 
 
-def _rule(optimizer, lr_rule: str) -> str:
+def lr_rule_for(optimizer, lr_rule: str = "auto") -> str:
+    """The branches' learning-rate rule: ``"auto"`` is ``"sqrt"`` for an Adam-type
+    optimizer, ``"linear"`` otherwise."""
     if lr_rule == "auto":
         return "sqrt" if precond.family(optimizer) == "adam" else "linear"
     if lr_rule not in ("sqrt", "linear"):
@@ -95,7 +97,7 @@ def plan(base_batch: int, n: int, batch_sizes: Optional[Sequence[int]], budget: 
 
 
 def _run(specs: Sequence[Tuple[int, BranchSpec]], model, optimizer, train, held_out, loss_fn, quiet: bool,
-         group, world: int, rank: int, evals: int) -> Dict[int, Any]:
+         group, world: int, rank: int, evals: int, start: float) -> Dict[int, Any]:
     """Run this rank's share of ``(index, spec)`` and gather everyone's results.
 
     A branch that raises on one rank fails every rank, each at the gather (the others
@@ -108,7 +110,7 @@ def _run(specs: Sequence[Tuple[int, BranchSpec]], model, optimizer, train, held_
               file=sys.stderr) as progress:
         try:
             for i, spec in mine:
-                done[i] = run_branch(spec, model, optimizer, train, held_out, loss_fn, evals)
+                done[i] = run_branch(spec, model, optimizer, train, held_out, loss_fn, evals, start)
                 progress.update(1)
         except Exception as e:  # noqa: BLE001 - every rank must still reach the gather
             if world == 1:
@@ -132,14 +134,10 @@ def _proxy(model: nn.Module, optimizer, train: Data, loss_fn: LossFn, base_batch
     """``B_simple`` (and the preconditioned one) at the checkpoint from ``batches``
     batches: the mean of each batch's unbiased ``tr(Σ)`` and ``|G|²``, Fieller's interval
     for their ratio. Gradients are computed on a copy; the parent's stay as they were."""
-    twin = copy.deepcopy(model).train()
-    names = {p: n for n, p in twin.named_parameters()}
+    twin = copy.deepcopy(model).train()  # the same parameter names as the parent's
     weights = {}
     if precond.family(optimizer) == "adam":
-        index = {id(p): i for i, p in enumerate(model.parameters())}
-        own = list(twin.parameters())
-        pre = precond.Preconditioner(optimizer, {p: names[own[index[id(p)]]] for p in model.parameters()})
-        weights = pre.by_name()
+        weights = precond.Preconditioner(optimizer, {p: n for n, p in model.named_parameters()}).by_name()
     x, y = train
     rows, rows_w = [], []
     with torch.random.fork_rng(devices=[x.device.index or 0] if x.device.type == "cuda" else []):
@@ -210,7 +208,7 @@ def probe(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, loss_
         :func:`gradnoise.formats.write_probe`).
     """
     t0 = time.perf_counter()
-    rule = _rule(optimizer, lr_rule)
+    rule = lr_rule_for(optimizer, lr_rule)
     specs, budget = plan(base_batch, len(train[0]), batch_sizes, budget, seeds, rule, seed, lr_grid)
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
@@ -225,7 +223,7 @@ def probe(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, loss_
     rank, world = 0, 1
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
-    args = (model, optimizer, train, held_out, loss_fn, quiet, process_group, world, rank, evals)
+    args = (model, optimizer, train, held_out, loss_fn, quiet, process_group, world, rank, evals, start)
     base = [(i, s) for i, s in enumerate(specs) if s.batch_size == base_batch and s.multiplier == 1.0]
     done = _run(base, *args)  # the base batch first: its progress on the budget sets the target
     target = fits.common_target(start, [fits.loss_at(done[i][0], budget) for i, _ in base], target_fraction)
@@ -260,7 +258,7 @@ def _readings(specs: List[BranchSpec], done, start: float, target: float, budget
                      "examples_to_target": hit[1] if hit else None, "loss_at_budget": loss_b})
         steps.setdefault(s.batch_size, {}).setdefault(s.multiplier, []).append(hit[0] if hit else math.inf)
         at_budget.setdefault(s.batch_size, {}).setdefault(s.multiplier, []).append(
-            loss_b if math.isfinite(loss_b) else math.inf)
+            loss_b if math.isfinite(loss_b) else math.inf)  # diverged: worst, for the choice of multiplier too
     best_steps = {b: _best(by_m) for b, by_m in steps.items()}
     best_loss = {b: _best(by_m) for b, by_m in at_budget.items()}
     mc = fits.mccandlish({b: v for b, (_, v) in best_steps.items()}, seed=seed) if math.isfinite(target) else {
@@ -289,4 +287,4 @@ def _ratios(mc: Dict[str, Any], proxy: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["FACTORS", "plan", "probe"]
+__all__ = ["FACTORS", "lr_rule_for", "plan", "probe"]

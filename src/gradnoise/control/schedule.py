@@ -62,7 +62,7 @@ import statistics
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import GradNoiseError
-from ..formats import interval, json_safe, to_float
+from ..formats import interval, json_safe, probe_ratio, to_float
 from ..stats import rules
 
 FORMAT, VERSION = "gradnoise-schedule", 1
@@ -275,10 +275,9 @@ def calibration(probe: Dict[str, Any], basis: str) -> Tuple[Optional[float], str
     calibration: ``(None, why)``; the note then says the schedule is uncalibrated."""
     proxy = probe.get("proxy") if isinstance(probe.get("proxy"), dict) else {}
     mc = probe.get("mccandlish") if isinstance(probe.get("mccandlish"), dict) else {}
-    key = "preconditioned_ratio" if basis == "preconditioned" else "ratio"
-    ratio = to_float(proxy.get(key))
+    ratio, key = probe_ratio(probe, basis == "preconditioned")
     b_noise, b_simple = to_float(mc.get("b_noise")), to_float(proxy.get("b_simple"))
-    if not (math.isfinite(ratio) and ratio > 0):
+    if ratio is None:
         why = mc.get("reason") if isinstance(mc.get("reason"), str) else "the branches could not measure B_noise"
         given = json.dumps(json_safe(proxy.get(key)))
         return None, (f"no calibration: the probe file's proxy.{key} is {given} ({why}); "

@@ -61,8 +61,8 @@ def calibration_rows(probe: Probe) -> List[Tuple[str, str]]:
     ``B_crit`` of each form, raw and preconditioned ``B_simple``, and their ratios."""
     mc, me, px = probe["mccandlish"], probe["merrill"], probe["proxy"]
     no_branch = "no branch B_crit" + (f": {mc['reason']}" if mc.get("reason") else "")
-    raw_reason = px.get("reason") or "not defined on the batches measured"
-    pre_reason = px.get("preconditioned_reason") or _preconditioned_reason(probe)
+    raw_reason = "not defined on the batches measured"  # the mean |G|² over them was not positive
+    pre_reason = _preconditioned_reason(probe)
 
     def ratio_reason(proxy: Any, what: str) -> str:
         return no_branch if not _defined(mc.get("b_noise")) else f"no {what}" if not _defined(proxy) else ""

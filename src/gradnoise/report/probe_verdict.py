@@ -17,13 +17,13 @@ from typing import Any, Dict, Optional, Tuple
 from .decision import TaskVerdict, determined, round_batch
 from .files import Input
 from .fmt import domain_interval, fmt_count, fmt_factor_interval, fmt_lr, fmt_num, fmt_with_interval, to_float
+from ..formats import probe_ratio
 from .line import Line
 
 
 def calibration(probe: Input) -> Dict[str, Optional[float]]:
     """``{"raw": ratio, "preconditioned": ratio}`` of a probe file (None where undefined)."""
-    px = probe.header.get("proxy") or {}
-    return {"raw": px.get("ratio"), "preconditioned": px.get("preconditioned_ratio")}
+    return {"raw": probe_ratio(probe.header, False)[0], "preconditioned": probe_ratio(probe.header, True)[0]}
 
 
 def _reading(doc: Dict[str, Any]) -> Tuple[Optional[float], bool]:
@@ -52,14 +52,14 @@ def probe_verdict(probe: Input, anchor_id: str) -> TaskVerdict:
     batch, lower = _reading(doc)
     because = [line]
     adam = opt.get("family") == "adam"
-    key = "preconditioned" if adam and px.get("preconditioned_ratio") is not None else "b_simple"
-    ratio = px.get("preconditioned_ratio" if key == "preconditioned" else "ratio")
+    ratio, ratio_key = probe_ratio(doc, adam and probe_ratio(doc, True)[0] is not None)
+    key = "preconditioned" if ratio_key == "preconditioned_ratio" else "b_simple"
     if px.get(key) is not None:
         cal = Line().add(f"The {'preconditioned' if key == 'preconditioned' else 'raw'} noise scale at the same "
                          "weights is B_simple ≈ ").add(fmt_with_interval(px.get(key), px.get(f"{key}_interval")),
                                                        anchor_id)
         if ratio is not None:
-            iv = px.get("preconditioned_ratio_interval" if key == "preconditioned" else "ratio_interval")
+            iv = px.get(f"{ratio_key}_interval")
             cal.add(f": the measured critical batch is {fmt_factor_interval(ratio, iv)} it (gradnoise schedule "
                     "--calibration uses this factor).")
         else:

@@ -7,14 +7,9 @@ runs at a checkpoint of the user's loop (``--checkpoint``), or after ``--train-s
 training at the base batch from the initial weights, so that it does not measure the
 initialisation, where the critical batch is near zero.
 
-The checkpoint is a :func:`torch.save` of a dict, read with ``weights_only=True``::
-
-    {"model": model.state_dict(),          # the task's model: same keys, same shapes
-     "optimizer": optimizer.state_dict(),  # an optimizer over model.parameters(), in that order,
-                                           #   of the class --optimizer names (sgd / adamw)
-     "step": int}                          # the loop's step count (optional; recorded)
-
-:func:`save_checkpoint` writes one from a training loop. Everything is checked before any
+The checkpoint is :mod:`gradnoise.control.checkpoint`'s (``gradnoise.save_checkpoint``
+writes one from a training loop): the task's model, an optimizer over
+``model.parameters()`` in that order of the class ``--optimizer`` names. Everything is checked before any
 training step runs: the checkpoint against the model and the optimizer (the first key
 that does not match is named), and the batch sizes and budget against the data
 (:func:`gradnoise.control.probe.plan`); an error is one ``ValueError`` line.
@@ -22,7 +17,6 @@ that does not match is named), and the batch sizes and budget against the data
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -30,9 +24,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..control.probe import plan, probe
+from ..control.checkpoint import read_checkpoint
+from ..control.probe import lr_rule_for, plan, probe
 from ..formats import write_probe
-from ..monitor import precond
 from ..numbers import DASH, fmt_count, fmt_factor_interval, fmt_lr, fmt_num, fmt_share, fmt_with_interval
 from .task import Task, load
 
@@ -76,38 +70,6 @@ class Prepared:
     held_out: Tuple[torch.Tensor, torch.Tensor]
     step: Optional[int]        # the checkpoint's step (0 from the initial weights)
     train_steps: int
-
-
-def save_checkpoint(path: "os.PathLike[str] | str", model: nn.Module, optimizer: torch.optim.Optimizer,
-                    step: int) -> str:
-    """Write the checkpoint ``gradnoise probe --checkpoint`` reads (format above);
-    returns ``path`` as a string."""
-    if not (isinstance(step, int) and step >= 0):
-        raise ValueError(f"step must be a whole number ≥ 0, got {step!r}")
-    path = os.fspath(path)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, path)
-    return path
-
-
-def read_checkpoint(path: str) -> Dict[str, Any]:
-    """The checkpoint at ``path``, its three entries checked for type (not yet against a
-    model)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file: one line
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"checkpoint {path}: cannot be read by torch.load(weights_only=True) "
-                         f"({type(e).__name__}: {first})") from None
-    if not (isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping)
-            and isinstance(obj.get("optimizer"), Mapping)):
-        raise ValueError(f"checkpoint {path}: not a dict with 'model' and 'optimizer' state dicts "
-                         "(write it with gradnoise.studies.probe_task.save_checkpoint)")
-    step = obj.get("step")
-    if step is not None and not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
-        raise ValueError(f"checkpoint {path}: 'step' must be a whole number ≥ 0, got {step!r}")
-    return dict(obj)
 
 
 def _shape(t: Any) -> List[int]:
@@ -190,7 +152,7 @@ def prepare(cfg: Config) -> Prepared:
     train, held_out = (task.x[tr], task.y[tr]), (task.x[te], task.y[te])
     model = task.fresh_model()
     optimizer = make_optimizer(cfg.optimizer, model, cfg.lr)
-    rule = "sqrt" if precond.family(optimizer) == "adam" else "linear"
+    rule = lr_rule_for(optimizer)
     plan(cfg.base_batch, len(tr), cfg.batch_sizes, cfg.budget, cfg.seeds, rule, cfg.seed, cfg.lr_grid)
     step = 0
     if cfg.checkpoint is not None:
@@ -270,5 +232,5 @@ def summary_lines(doc: Dict[str, Any]) -> List[str]:
             ] + [f"  {label:<{width}}{value}" for label, value in rows]
 
 
-__all__ = ["Config", "check_model_state", "check_optimizer_state", "prepare", "read_checkpoint", "run",
-           "save_checkpoint", "split", "summary_lines", "train"]
+__all__ = ["Config", "check_model_state", "check_optimizer_state", "prepare", "run",
+           "split", "summary_lines", "train"]
