@@ -17,6 +17,8 @@ Cases, each a monitored loop next to a plain loop of the same shape:
 * ``per_sample every=10``: ``source="per_sample", every=10``; the unit timed is a window of
   10 consecutive steps (exactly one of them measured), reported per step, against a
   plain window of 10 steps;
+* ``adam10``: the same with AdamW, the monitor given ``optimizer=`` (it reads Adam's state
+  on measured steps for the update direction's noise) and ``step(loss=)``;
 * ``ddp`` (``--ddp``, optional): 2 processes on gloo, 1 thread each, each with half the
   batch, ``source="ddp"`` (every step measured) against plain DistributedDataParallel.
 
@@ -73,9 +75,10 @@ class Loop:
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro: int = 1,
-                 monitor: Optional[dict] = None, copy_model: bool = True):
+                 monitor: Optional[dict] = None, copy_model: bool = True, adam: bool = False):
         self.model = copy.deepcopy(model) if copy_model else model
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
+        self.opt = (torch.optim.AdamW if adam else torch.optim.SGD)(self.model.parameters(), lr=LR)
+        self.adam = adam
         self.parts = list(zip(x.chunk(micro), y.chunk(micro)))
         self.batch = x.shape[0]
         self.monitor = None
@@ -85,19 +88,22 @@ class Loop:
         if monitor is not None:
             import gradnoise
 
-            self.monitor = gradnoise.NoiseMonitor(self.model, **monitor)
+            # with AdamW the monitor also reads the optimizer (its state: the update direction's noise)
+            self.monitor = gradnoise.NoiseMonitor(self.model, **monitor, **({"optimizer": self.opt} if adam else {}))
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
+        loss = None
         if len(self.parts) == 1:
             xb, yb = self.parts[0]
-            F.cross_entropy(self.model(xb), yb).backward()
+            loss = F.cross_entropy(self.model(xb), yb)
+            loss.backward()
         else:
             for xb, yb in self.parts:
                 (F.cross_entropy(self.model(xb), yb) * (xb.shape[0] / self.batch)).backward()
         if self.monitor is not None:
             t0 = time.perf_counter()
-            rec = self.monitor.step()
+            rec = self.monitor.step(loss=loss if self.adam else None)
             if rec is not None:
                 self.t_close.append(time.perf_counter() - t0)
                 self.records += 1
@@ -168,6 +174,9 @@ def make_cases(name: str, seed: int, which: List[str]) -> List[Case]:
     if "every10" in which:
         cases.append(Case("per_sample every=10", Loop(model, x, y),
                           Loop(model, x, y, 1, {"source": "per_sample", "every": 10}), window=10))
+    if "adam10" in which:
+        cases.append(Case("per_sample every=10, AdamW, optimizer= and loss=", Loop(model, x, y, adam=True),
+                          Loop(model, x, y, 1, {"source": "per_sample", "every": 10}, adam=True), window=10))
     return cases
 
 
@@ -278,7 +287,7 @@ def _ms(v: Optional[float]) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
-CASES = ("microbatch", "every1", "every10")
+CASES = ("microbatch", "every1", "every10", "adam10")
 
 
 def parse_args(argv=None):
