@@ -51,3 +51,12 @@ def test_launchbound_and_compiled_run(tmp_path):
     rows = _rows(tmp_path, compiled, ["--models", "token-mlp", "--repeats", "1", "--warmup", "0"])
     graphs, breaks = rows[0]["graphs_before"]
     assert graphs >= 1 and rows[0]["graphs_after"][0] == graphs  # measured steps compile nothing new
+
+
+def test_monitor_overhead_runs_the_adam_case(tmp_path):
+    """The AdamW case gives the monitor its optimizer and loss: its measured steps carry the
+    update direction's noise (the path whose cost the case times)."""
+    import monitor_overhead
+    rows = _rows(tmp_path, monitor_overhead, ["--models", "M1", "--cases", "adam10", "--repeats", "2",
+                                              "--warmup", "0"])
+    assert rows[0]["case"].startswith("per_sample every=10, AdamW") and rows[0]["records"] >= 1
